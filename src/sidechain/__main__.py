@@ -1,0 +1,5 @@
+"""``python -m sidechain``: the same as the ``sidechain`` command."""
+
+from .cli import main
+
+raise SystemExit(main())

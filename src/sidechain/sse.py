@@ -1,0 +1,363 @@
+"""Sans-I/O Server-Sent Events codec, exact to the WHATWG HTML "event stream" rules.
+
+No asyncio, no sockets: :class:`Decoder` turns bytes into :class:`Event` objects, :func:`encode`
+and :class:`Encoder` turn events into bytes. Any split of the same bytes into chunks gives the same
+events (a CR ending one chunk and an LF starting the next are one line end).
+
+The rules implemented (https://html.spec.whatwg.org/multipage/server-sent-events.html#parsing-an-event-stream):
+
+* one leading UTF-8 BOM is stripped, only at the very start of the stream;
+* lines end with CRLF, LF or CR;
+* a line starting with ``:`` is a comment (returned as :class:`Comment` only with ``comments=True``);
+* ``field: value`` with exactly one space after the colon removed; a line without a colon is a field
+  with an empty value; field names are case-sensitive and unknown ones are ignored;
+* ``data`` lines are joined with ``\\n``; an empty line dispatches the event; a block without ``data``
+  dispatches nothing but still sets the last event id;
+* ``id`` containing NUL is ignored; an empty ``id`` resets the last event id;
+* ``retry`` is used only when it is all ASCII digits;
+* an event not finished by an empty line before the end of the stream is dropped;
+* invalid UTF-8 becomes U+FFFD, wherever the chunk boundaries fall.
+
+Limits: a line longer than ``max_line_bytes`` (default 1 MiB) or an event whose data exceeds
+``max_event_bytes`` (default 16 MiB) raises :class:`~sidechain.errors.ProtocolError`; the decoder then
+stays failed and raises the same error on every later ``feed``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import msgspec
+
+from .errors import EncodeError, ProtocolError
+
+__all__ = [
+    "DEFAULT_MAX_EVENT_BYTES",
+    "DEFAULT_MAX_LINE_BYTES",
+    "Comment",
+    "Decoder",
+    "Encoder",
+    "Event",
+    "encode",
+]
+
+DEFAULT_MAX_LINE_BYTES = 1 << 20
+DEFAULT_MAX_EVENT_BYTES = 16 << 20
+
+_BOM = b"\xef\xbb\xbf"
+
+
+class Event(msgspec.Struct, frozen=True, gc=False):
+    """One dispatched event.
+
+    ``data`` is the joined data lines, ``event`` the type (``"message"`` when the stream gave none) and
+    ``id`` the last event id in force when it was dispatched (``""`` if none).
+    """
+
+    data: str
+    event: str = "message"
+    id: str = ""
+
+
+class Comment(msgspec.Struct, frozen=True, gc=False):
+    """A comment line (``: text``), e.g. a keepalive. One leading space is removed from ``text``."""
+
+    text: str
+
+
+class Decoder:
+    """Incremental SSE decoder. Feed it bytes; it returns what those bytes completed.
+
+    ``feed`` never blocks and never raises anything but :class:`ProtocolError`. ``close`` marks the end
+    of one connection's stream: a partial event is dropped and the decoder is ready for the next
+    connection, keeping ``last_event_id`` and ``retry`` (as an ``EventSource`` does on reconnect).
+    """
+
+    __slots__ = (
+        "_comments",
+        "_data",
+        "_data_size",
+        "_etype",
+        "_failed",
+        "_id_buffer",
+        "_last_id",
+        "_max_event",
+        "_max_line",
+        "_parts",
+        "_parts_len",
+        "_skip_lf",
+        "_started",
+        "_type_cache",
+        "retry",
+    )
+
+    def __init__(
+        self,
+        *,
+        max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
+        max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES,
+        comments: bool = False,
+        last_event_id: str = "",
+    ) -> None:
+        if max_line_bytes <= 0 or max_event_bytes <= 0:
+            raise ValueError("limits must be positive")
+        self._max_line = max_line_bytes
+        self._max_event = max_event_bytes
+        self._comments = comments
+        self._parts: list[bytes] = []  # pieces of the current unfinished line
+        self._parts_len = 0
+        self._skip_lf = False  # the previous chunk ended with CR: a leading LF belongs to it
+        self._started = False  # BOM handled
+        self._data: list[bytes] = []
+        self._data_size = 0
+        self._etype = b""
+        self._id_buffer = last_event_id
+        self._last_id = last_event_id
+        self._failed: ProtocolError | None = None
+        self._type_cache: dict[bytes, str] = {}
+        #: The reconnection time the stream asked for, in milliseconds, or None.
+        self.retry: int | None = None
+
+    @property
+    def last_event_id(self) -> str:
+        """The last event id in force (set at each dispatch point, ``""`` when none or reset)."""
+        return self._last_id
+
+    def feed(self, data: bytes) -> list[Event | Comment]:
+        """Decode ``data`` and return the events (and comments, if asked) it completed."""
+        if self._failed is not None:
+            raise self._failed
+        if not data:
+            return []
+        if self._skip_lf:
+            self._skip_lf = False
+            if data[0] == 10:
+                data = data[1:]
+                if not data:
+                    return []
+        if not self._started:
+            if self._parts:
+                data = b"".join(self._parts) + data
+                self._parts.clear()
+                self._parts_len = 0
+            if len(data) < 3 and _BOM.startswith(data):
+                self._parts.append(data)
+                self._parts_len = len(data)
+                return []
+            self._started = True
+            if data.startswith(_BOM):
+                data = data[3:]
+                if not data:
+                    return []
+        if b"\n" not in data and b"\r" not in data:
+            self._parts.append(data)
+            self._parts_len += len(data)
+            if self._parts_len > self._max_line:
+                self._fail_line(self._parts_len, [])
+            return []
+        if self._parts:
+            self._parts.append(data)
+            data = b"".join(self._parts)
+            self._parts.clear()
+            self._parts_len = 0
+        lines = data.splitlines()
+        last = data[-1]
+        if last == 13:
+            self._skip_lf = True
+        elif last != 10:
+            tail = lines.pop()
+            self._parts.append(tail)
+            self._parts_len = len(tail)
+        if len(data) > self._max_line:
+            return self._process_checked(lines)
+        return self._process(lines)
+
+    def close(self) -> list[Event | Comment]:
+        """End of stream: drop any partial line and event; ready the decoder for a new connection."""
+        self._parts.clear()
+        self._parts_len = 0
+        self._skip_lf = False
+        self._started = False
+        self._data = []
+        self._data_size = 0
+        self._etype = b""
+        self._id_buffer = self._last_id
+        self._failed = None
+        return []
+
+    # -- internals ---------------------------------------------------------------------------------
+
+    def _fail_line(self, size: int, events: list[Event | Comment]) -> None:
+        err = ProtocolError(
+            f"SSE line of {size} bytes exceeds max_line_bytes={self._max_line}",
+            rule="max_line_bytes",
+            limit=self._max_line,
+            size=size,
+            events=events,
+        )
+        self._failed = err
+        raise err
+
+    def _process_checked(self, lines: list[bytes]) -> list[Event | Comment]:
+        limit = self._max_line
+        for i, line in enumerate(lines):
+            if len(line) > limit:
+                events = self._process(lines[:i])
+                self._fail_line(len(line), events)
+        if self._parts_len > limit:
+            events = self._process(lines)
+            self._fail_line(self._parts_len, events)
+        return self._process(lines)
+
+    def _process(self, lines: list[bytes]) -> list[Event | Comment]:
+        out: list[Event | Comment] = []
+        data = self._data
+        size = self._data_size
+        etype = self._etype
+        id_buffer = self._id_buffer
+        for line in lines:
+            if not line:
+                # dispatch point
+                self._last_id = id_buffer
+                if data:
+                    if len(data) == 1:
+                        text = data[0].decode("utf-8", "replace")
+                    else:
+                        text = b"\n".join(data).decode("utf-8", "replace")
+                    if etype:
+                        name = self._type_cache.get(etype)
+                        if name is None:
+                            name = etype.decode("utf-8", "replace")
+                            if len(self._type_cache) < 256:
+                                self._type_cache[etype] = name
+                        out.append(Event(text, name, id_buffer))
+                    else:
+                        out.append(Event(text, "message", id_buffer))
+                    data = []
+                    size = 0
+                etype = b""
+                continue
+            field, _, value = line.partition(b":")
+            if value and value[0] == 32:
+                value = value[1:]
+            if field == b"data":
+                size += len(value) + 1
+                if size > self._max_event:
+                    self._data, self._data_size, self._etype, self._id_buffer = [], 0, b"", id_buffer
+                    err = ProtocolError(
+                        f"SSE event data of {size} bytes exceeds max_event_bytes={self._max_event}",
+                        rule="max_event_bytes",
+                        limit=self._max_event,
+                        size=size,
+                        events=out,
+                    )
+                    self._failed = err
+                    raise err
+                data.append(value)
+            elif field == b"event":
+                etype = value
+            elif field == b"id":
+                if 0 not in value:
+                    id_buffer = value.decode("utf-8", "replace")
+            elif not field:
+                if self._comments:
+                    out.append(Comment(value.decode("utf-8", "replace")))
+            elif field == b"retry":
+                if value.isdigit():
+                    self.retry = int(value)
+        self._data = data
+        self._data_size = size
+        self._etype = etype
+        self._id_buffer = id_buffer
+        return out
+
+
+def _check_token(kind: str, value: str) -> None:
+    if "\r" in value or "\n" in value or "\0" in value:
+        raise EncodeError(f"SSE {kind} must not contain CR, LF or NUL: {value!r}")
+
+
+def _data_lines(data: str) -> Iterable[str]:
+    if "\r" in data:
+        return data.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+    return data.split("\n")
+
+
+def encode(
+    data: str | None = None,
+    *,
+    event: str | None = None,
+    id: str | None = None,
+    retry: int | None = None,
+    comment: str | None = None,
+) -> bytes:
+    """Encode one SSE block to UTF-8 bytes.
+
+    ``data`` may span lines (CR, LF or CRLF); each becomes a ``data:`` line. ``id`` and ``event`` must
+    not contain CR, LF or NUL (:class:`EncodeError` otherwise); ``id=""`` resets the client's last id.
+    ``retry`` must be a non-negative integer (milliseconds). ``comment`` lines are written first. Every
+    block ends with a blank line, so the stream stays well formed.
+    """
+    parts: list[str] = []
+    if comment is not None:
+        parts.extend(": " + line if line else ":" for line in _data_lines(comment))
+    if retry is not None:
+        if isinstance(retry, bool) or not isinstance(retry, int) or retry < 0:
+            raise EncodeError(f"SSE retry must be a non-negative integer of milliseconds: {retry!r}")
+        parts.append(f"retry: {retry}")
+    if id is not None:
+        _check_token("id", id)
+        parts.append(f"id: {id}" if id else "id")
+    if event is not None:
+        _check_token("event name", event)
+        parts.append(f"event: {event}")
+    if data is not None:
+        parts.extend("data: " + line if line else "data" for line in _data_lines(data))
+    if not parts:
+        raise EncodeError("nothing to encode: give data, id, event, retry or a comment")
+    return ("\n".join(parts) + "\n\n").encode("utf-8")
+
+
+class Encoder:
+    """Writes events as SSE bytes. Event names are validated once and cached.
+
+    ``encoder.event(data, event=..., id=...)`` is the hot path used by the gateway;
+    ``encoder.encode(Event)`` writes a decoded :class:`Event` back out (round trip).
+    """
+
+    __slots__ = ("_names",)
+
+    def __init__(self) -> None:
+        self._names: dict[str, bytes] = {}
+
+    def event(self, data: str, *, event: str | None = None, id: str | None = None) -> bytes:
+        """Encode one event with data; see :func:`encode` for the rules."""
+        head = b""
+        if id is not None:
+            _check_token("id", id)
+            head = b"id: " + id.encode("utf-8") + b"\n" if id else b"id\n"
+        if event is not None and event != "message":
+            line = self._names.get(event)
+            if line is None:
+                _check_token("event name", event)
+                line = b"event: " + event.encode("utf-8") + b"\n"
+                self._names[event] = line
+            head += line
+        if "\n" in data or "\r" in data:
+            body = "\n".join("data: " + ln if ln else "data" for ln in _data_lines(data)).encode("utf-8")
+            return head + body + b"\n\n"
+        return head + (b"data: " + data.encode("utf-8") if data else b"data") + b"\n\n"
+
+    def encode(self, ev: Event) -> bytes:
+        """Encode a decoded :class:`Event`; an empty ``id`` writes no id line (the client keeps its own)."""
+        return self.event(ev.data, event=ev.event, id=ev.id if ev.id else None)
+
+    @staticmethod
+    def comment(text: str = "") -> bytes:
+        """A comment block (for keepalives): ``: text``."""
+        return encode(comment=text)
+
+    @staticmethod
+    def retry(milliseconds: int) -> bytes:
+        """A ``retry:`` block asking clients to wait this long before reconnecting."""
+        return encode(retry=milliseconds)
