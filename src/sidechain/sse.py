@@ -262,9 +262,8 @@ class Decoder:
             elif not field:
                 if self._comments:
                     out.append(Comment(value.decode("utf-8", "replace")))
-            elif field == b"retry":
-                if value.isdigit():
-                    self.retry = int(value)
+            elif field == b"retry" and value.isdigit():
+                self.retry = int(value)
         self._data = data
         self._data_size = size
         self._etype = etype
