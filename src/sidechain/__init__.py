@@ -8,6 +8,14 @@ from __future__ import annotations
 from importlib.metadata import PackageNotFoundError, version
 
 from . import sse
+from .client import (
+    EventStream,
+    GatewayHTTPClient,
+    RetryPolicy,
+    SafeByteStream,
+    Session,
+    StreamObservation,
+)
 from .errors import (
     ConnectError,
     ConnectTimeout,
@@ -42,15 +50,21 @@ __all__ = [
     "EncodeError",
     "Encoder",
     "Event",
+    "EventStream",
+    "GatewayHTTPClient",
     "HTTPStatusError",
     "IdleTimeout",
     "ProtocolError",
     "ReadError",
     "ReadTimeout",
     "RetryExhausted",
+    "RetryPolicy",
+    "SafeByteStream",
+    "Session",
     "SessionInvalidated",
     "SidechainError",
     "StreamInterrupted",
+    "StreamObservation",
     "StreamTruncated",
     "TotalTimeout",
     "TransportError",

@@ -1,0 +1,23 @@
+"""The sidechain client: streaming calls that release every resource on every path."""
+
+from __future__ import annotations
+
+from .http import EventStream, GatewayHTTPClient, StreamContext
+from .observe import Observer, StreamObservation
+from .retry import Decision, RetryPolicy, parse_retry_after
+from .safe_stream import SafeByteStream, StreamState
+from .sessions import Session
+
+__all__ = [
+    "Decision",
+    "EventStream",
+    "GatewayHTTPClient",
+    "Observer",
+    "RetryPolicy",
+    "SafeByteStream",
+    "Session",
+    "StreamContext",
+    "StreamObservation",
+    "StreamState",
+    "parse_retry_after",
+]

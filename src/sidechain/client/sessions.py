@@ -1,0 +1,218 @@
+"""Session ownership: a pooled, shareable :class:`Session`, and the dedicated sessions calls own.
+
+A :class:`Session` wraps one aiohttp ``ClientSession``. Closing it from any task, at any time, first
+wakes every stream still reading from it and every request still connecting through it with
+:class:`SessionInvalidated`, then tears the transport down. aiohttp alone would leave those readers
+hanging forever.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+import aiohttp
+
+from ..errors import (
+    ConnectError,
+    ConnectTimeout,
+    ProtocolError,
+    ReadError,
+    ReadTimeout,
+    SessionInvalidated,
+    SidechainError,
+)
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .safe_stream import SafeByteStream
+
+__all__ = ["Session", "map_request_error"]
+
+
+def map_request_error(exc: BaseException, *, connect_timeout: float | None, read_timeout: float | None
+                      ) -> SidechainError:
+    """Translate an error raised while sending a request and waiting for its headers."""
+    if isinstance(exc, SidechainError):
+        return exc
+    if isinstance(exc, aiohttp.ConnectionTimeoutError):
+        return ConnectTimeout(f"no connection within {connect_timeout}s", timeout=connect_timeout)
+    if isinstance(exc, aiohttp.ServerTimeoutError | asyncio.TimeoutError):
+        return ReadTimeout(f"no response within read_timeout={read_timeout}s", timeout=read_timeout)
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return ConnectError(f"cannot connect: {exc}")
+    if isinstance(exc, aiohttp.ClientResponseError):
+        return ProtocolError(f"malformed HTTP response: {exc.message}", rule="http")
+    if isinstance(exc, aiohttp.ClientError | OSError):
+        return ReadError(f"connection broke before the response headers: {exc or type(exc).__name__}")
+    return ReadError(f"request failed: {exc!r}")
+
+
+def _close_unclaimed(task: asyncio.Task[aiohttp.ClientResponse]) -> None:
+    """Done-callback of an abandoned request: a response that arrived anyway is closed, not leaked."""
+    if task.cancelled():
+        return
+    if task.exception() is None:
+        task.result().close()
+
+
+class Session:
+    """A pooled HTTP session, shareable between calls on purpose.
+
+    Give it to ``stream_post(..., session=s)`` to reuse connections; each call then releases only its
+    own connection. ``await s.aclose()`` (alias :meth:`invalidate_and_cancel`) may be called from any
+    task at any time: streams still open on it get :class:`SessionInvalidated` at once, requests still
+    connecting through it are abandoned with the same error, then every connection is closed.
+    Use it as ``async with Session() as s:``.
+    """
+
+    def __init__(
+        self,
+        *,
+        limit: int = 100,
+        limit_per_host: int = 0,
+        keepalive_timeout: float = 15.0,
+        dedicated: bool = False,
+    ) -> None:
+        self._limit = limit
+        self._limit_per_host = limit_per_host
+        self._keepalive = keepalive_timeout
+        self.dedicated = dedicated
+        self._client: aiohttp.ClientSession | None = None
+        self._streams: set[SafeByteStream] = set()
+        self._wakers: set[asyncio.Future[SidechainError]] = set()
+        self._closed = False
+
+    async def __aenter__(self) -> Session:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def _ensure(self) -> aiohttp.ClientSession:
+        if self._closed:
+            raise SessionInvalidated("the session is closed")
+        if self._client is None:
+            connector = aiohttp.TCPConnector(
+                limit=self._limit,
+                limit_per_host=self._limit_per_host,
+                keepalive_timeout=None if self.dedicated else self._keepalive,
+            )
+            self._client = aiohttp.ClientSession(
+                connector=connector,
+                trust_env=False,
+                timeout=aiohttp.ClientTimeout(total=None),
+                auto_decompress=False,
+            )
+        return self._client
+
+    def connection_count(self) -> int:
+        """Connections this session holds right now (in use and idle in the pool)."""
+        client = self._client
+        if client is None or client.connector is None or client.closed:
+            return 0
+        connector: Any = client.connector
+        idle = sum(len(conns) for conns in connector._conns.values())
+        return idle + len(connector._acquired)
+
+    @property
+    def open_streams(self) -> int:
+        return len(self._streams)
+
+    def _register(self, stream: SafeByteStream) -> None:
+        if self._closed:
+            stream.invalidate(SessionInvalidated("the session was closed while the stream was opening"))
+            return
+        self._streams.add(stream)
+
+    def _unregister(self, stream: SafeByteStream) -> None:
+        self._streams.discard(stream)
+
+    async def request(
+        self,
+        method: str,
+        url: str,
+        *,
+        data: bytes | None,
+        headers: Mapping[str, str],
+        connect_timeout: float | None,
+        read_timeout: float | None,
+        deadline: float | None = None,
+        deadline_error: SidechainError | None = None,
+    ) -> aiohttp.ClientResponse:
+        """Send a request and return its response once the headers arrived.
+
+        Raises a typed error (:class:`ConnectError`, :class:`ConnectTimeout`, :class:`ReadError`,
+        :class:`ReadTimeout`); :class:`SessionInvalidated` if the session closes meanwhile;
+        ``deadline_error`` if the loop time ``deadline`` passes. On cancellation the request is
+        abandoned, its connection released, and ``CancelledError`` propagates.
+        """
+        client = self._ensure()
+        loop = asyncio.get_running_loop()
+        timeout = aiohttp.ClientTimeout(total=None, connect=connect_timeout, sock_read=read_timeout)
+        task: asyncio.Task[aiohttp.ClientResponse] = loop.create_task(
+            _send(client, method, url, data, headers, timeout)
+        )
+        waker: asyncio.Future[SidechainError] = loop.create_future()
+        self._wakers.add(waker)
+        try:
+            wait_for = None if deadline is None else max(0.0, deadline - loop.time())
+            waitables: set[asyncio.Future[Any]] = {task, waker}
+            done, _ = await asyncio.wait(waitables, timeout=wait_for, return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:
+            await _abandon(task)
+            raise
+        finally:
+            self._wakers.discard(waker)
+        if task in done:
+            try:
+                return task.result()
+            except Exception as exc:
+                raise map_request_error(exc, connect_timeout=connect_timeout, read_timeout=read_timeout
+                                        ) from exc
+        await _abandon(task)
+        if waker.done():
+            raise waker.result()
+        raise deadline_error or ConnectTimeout("deadline passed while connecting", timeout=connect_timeout)
+
+    async def aclose(self) -> None:
+        """Invalidate every open stream and pending request, then close every connection. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        for waker in list(self._wakers):
+            if not waker.done():
+                waker.set_result(SessionInvalidated("the session was closed while a request was connecting"))
+        for stream in list(self._streams):
+            stream.invalidate(SessionInvalidated("the session was closed while the stream was open"))
+        self._streams.clear()
+        client, self._client = self._client, None
+        if client is not None:
+            await client.close()
+
+    invalidate_and_cancel = aclose
+
+
+async def _send(
+    client: aiohttp.ClientSession,
+    method: str,
+    url: str,
+    data: bytes | None,
+    headers: Mapping[str, str],
+    timeout: aiohttp.ClientTimeout,  # noqa: ASYNC109 - aiohttp's own per-phase timeouts
+) -> aiohttp.ClientResponse:
+    return await client.request(method, url, data=data, headers=headers, timeout=timeout,
+                                allow_redirects=True)
+
+
+async def _abandon(task: asyncio.Task[aiohttp.ClientResponse]) -> None:
+    """Cancel a request task and wait for it to finish; a response it still produced is closed."""
+    task.add_done_callback(_close_unclaimed)
+    if task.done():
+        return
+    task.cancel()
+    await asyncio.wait({task})
