@@ -25,14 +25,14 @@ class Resources:
         return cls(fds=len(os.listdir("/proc/self/fd")), tasks=len(asyncio.all_tasks()))
 
 
-async def settle_resources(before: Resources, *, timeout: float = 1.0) -> Resources:
+async def settle_resources(before: Resources, *, within: float = 1.0) -> Resources:
     """Wait (bounded) until fds and tasks are back to ``before``; return what was last seen.
 
     Closing a socket completes on the loop iteration after ``transport.close()``, so a few iterations
     are allowed; the test still fails if anything is left once the deadline passes.
     """
     loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
+    deadline = loop.time() + within
     while True:
         now = Resources.now()
         if (now.fds <= before.fds and now.tasks <= before.tasks) or loop.time() > deadline:

@@ -129,4 +129,7 @@ async def main() -> None:
 
 
 if __name__ == "__main__":
+    import logging
+
+    logging.getLogger("aiohttp").setLevel(logging.CRITICAL)  # injected faults are expected here
     asyncio.run(main())

@@ -22,7 +22,7 @@ import enum
 import warnings
 import weakref
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 
@@ -142,13 +142,29 @@ class SafeByteStream:
             if self._error is not None:
                 raise self._error from None
             err = map_aiohttp_error(exc, read_timeout=self._read_timeout)
+            err.__cause__ = exc
+            # aiohttp discards bytes it already buffered once the connection breaks; they were
+            # received, so they are handed out first and the error comes on the next read
+            leftover = self._salvage()
             self._set_failed(err, StreamState.FAILED)
-            raise err from exc
+            if leftover:
+                return leftover
+            raise err
         if data:
             return data
         if self._error is not None:
             raise self._error
         self.state = StreamState.ENDED
+        return b""
+
+    def _salvage(self) -> bytes:
+        content: Any = self._content
+        try:
+            if content._buffer:
+                data: bytes = content._read_nowait(-1)
+                return data
+        except Exception:
+            pass
         return b""
 
     def __aiter__(self) -> SafeByteStream:

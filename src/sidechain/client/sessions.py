@@ -9,6 +9,8 @@ hanging forever.
 from __future__ import annotations
 
 import asyncio
+import warnings
+import weakref
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -79,8 +81,10 @@ class Session:
         self._keepalive = keepalive_timeout
         self.dedicated = dedicated
         self._client: aiohttp.ClientSession | None = None
-        self._streams: set[SafeByteStream] = set()
-        self._wakers: set[asyncio.Future[SidechainError]] = set()
+        self._finalizer: weakref.finalize[Any, Any] | None = None
+        # weak: a stream dropped by its user must stay collectable so its finalizer can release it
+        self._streams: weakref.WeakSet[SafeByteStream] = weakref.WeakSet()
+        self._wakers: set[asyncio.Future[None]] = set()
         self._closed = False
 
     async def __aenter__(self) -> Session:
@@ -107,6 +111,9 @@ class Session:
                 trust_env=False,
                 timeout=aiohttp.ClientTimeout(total=None),
                 auto_decompress=False,
+            )
+            self._finalizer = weakref.finalize(
+                self, _reap_session, asyncio.get_running_loop(), self._client, not self.dedicated
             )
         return self._client
 
@@ -157,7 +164,7 @@ class Session:
         task: asyncio.Task[aiohttp.ClientResponse] = loop.create_task(
             _send(client, method, url, data, headers, timeout)
         )
-        waker: asyncio.Future[SidechainError] = loop.create_future()
+        waker: asyncio.Future[None] = loop.create_future()
         self._wakers.add(waker)
         try:
             wait_for = None if deadline is None else max(0.0, deadline - loop.time())
@@ -168,6 +175,10 @@ class Session:
             raise
         finally:
             self._wakers.discard(waker)
+        if waker.done() or self._closed:
+            # the session closed meanwhile: whatever the request did, the answer is SessionInvalidated
+            await _abandon(task)
+            raise SessionInvalidated("the session was closed while a request was connecting")
         if task in done:
             try:
                 return task.result()
@@ -175,8 +186,6 @@ class Session:
                 raise map_request_error(exc, connect_timeout=connect_timeout, read_timeout=read_timeout
                                         ) from exc
         await _abandon(task)
-        if waker.done():
-            raise waker.result()
         raise deadline_error or ConnectTimeout("deadline passed while connecting", timeout=connect_timeout)
 
     async def aclose(self) -> None:
@@ -186,15 +195,38 @@ class Session:
         self._closed = True
         for waker in list(self._wakers):
             if not waker.done():
-                waker.set_result(SessionInvalidated("the session was closed while a request was connecting"))
+                waker.set_result(None)
         for stream in list(self._streams):
             stream.invalidate(SessionInvalidated("the session was closed while the stream was open"))
         self._streams.clear()
         client, self._client = self._client, None
+        if self._finalizer is not None:
+            self._finalizer.detach()
         if client is not None:
             await client.close()
 
     invalidate_and_cancel = aclose
+
+
+_REAPING: set[asyncio.Task[None]] = set()
+
+
+def _reap_session(loop: asyncio.AbstractEventLoop, client: aiohttp.ClientSession, warn: bool) -> None:
+    """Finalizer of a Session dropped without ``aclose``: its close is scheduled on its loop."""
+    if not loop.is_closed():
+        try:
+            loop.call_soon_threadsafe(_spawn_close, loop, client)
+        except RuntimeError:  # the loop closed in between
+            pass
+    if warn:
+        warnings.warn("sidechain Session was garbage collected without aclose(); closed by a finalizer",
+                      ResourceWarning, stacklevel=2)
+
+
+def _spawn_close(loop: asyncio.AbstractEventLoop, client: aiohttp.ClientSession) -> None:
+    task = loop.create_task(client.close())
+    _REAPING.add(task)  # owned by the reaper set until done
+    task.add_done_callback(_REAPING.discard)
 
 
 async def _send(
