@@ -58,7 +58,7 @@ async def stream(request: web.Request) -> web.StreamResponse:
     attempts[key] += 1
     attempt = attempts[key]
     faulty = attempt <= faults
-    await request.read()
+    await request.read()  # aiohttp caches the body: a later read() returns it again
 
     if fault == "status_always" or (fault == "status" and faulty):
         headers = {}
@@ -70,6 +70,11 @@ async def stream(request: web.Request) -> web.StreamResponse:
                                  status=int(q.get("code", "503")), headers=headers)
     if fault == "html":
         return web.Response(text="<html>not a stream</html>", content_type="text/html")
+    if fault == "204":
+        return web.Response(status=204)
+    if fault == "redirect":
+        target = request.path_qs.replace("fault=redirect", "fault=none")
+        raise web.HTTPTemporaryRedirect(target)
 
     start = 0
     last = request.headers.get("Last-Event-ID")
@@ -78,6 +83,14 @@ async def stream(request: web.Request) -> web.StreamResponse:
 
     resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
     await resp.prepare(request)
+    if "retry" in q:
+        await resp.write(f"retry: {q['retry']}\n\n".encode())
+    if q.get("hello") == "1":
+        body = await request.read()
+        hello = {"last_event_id": last, "method": request.method, "body": body.decode(), "attempt": attempt,
+                 "accept": request.headers.get("Accept"), "cache": request.headers.get("Cache-Control"),
+                 "custom": request.headers.get("X-Custom")}
+        await resp.write(f"event: hello\ndata: {json.dumps(hello)}\n\n".encode())
     if fault == "stall":
         await asyncio.sleep(3600)
     if fault == "trickle":
@@ -105,7 +118,8 @@ async def stream(request: web.Request) -> web.StreamResponse:
             await resp.write(event_bytes(k, ids))
         if gap:
             await asyncio.sleep(gap)
-    buf += f"{'id: ' + str(n) + chr(10) if ids else ''}event: done\ndata: {{}}\n\n".encode()
+    if start <= n:
+        buf += f"{'id: ' + str(n) + chr(10) if ids else ''}event: done\ndata: {{}}\n\n".encode()
     await resp.write(bytes(buf))
     await resp.write_eof()
     return resp

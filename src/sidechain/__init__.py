@@ -10,6 +10,8 @@ from importlib.metadata import PackageNotFoundError, version
 from . import sse
 from .client import (
     EventStream,
+    EventStreamClient,
+    Fault,
     GatewayHTTPClient,
     RetryPolicy,
     SafeByteStream,
@@ -51,6 +53,8 @@ __all__ = [
     "Encoder",
     "Event",
     "EventStream",
+    "EventStreamClient",
+    "Fault",
     "GatewayHTTPClient",
     "HTTPStatusError",
     "IdleTimeout",

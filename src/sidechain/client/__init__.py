@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from .events import EventStreamClient, Fault, StreamEnded, StreamStatus
 from .http import EventStream, GatewayHTTPClient, StreamContext
 from .observe import Observer, StreamObservation
 from .retry import Decision, RetryPolicy, parse_retry_after
@@ -11,13 +12,17 @@ from .sessions import Session
 __all__ = [
     "Decision",
     "EventStream",
+    "EventStreamClient",
+    "Fault",
     "GatewayHTTPClient",
     "Observer",
     "RetryPolicy",
     "SafeByteStream",
     "Session",
     "StreamContext",
+    "StreamEnded",
     "StreamObservation",
     "StreamState",
+    "StreamStatus",
     "parse_retry_after",
 ]

@@ -1,0 +1,376 @@
+"""EventStreamClient: a long-lived SSE connection that behaves like a browser's EventSource, and better.
+
+One background task (owned by the client, cancelled and awaited on close) connects, decodes and
+reconnects; iterators pull from a bounded buffer, so a slow consumer stops the reading (backpressure)
+instead of growing memory. Each connection owns its session, fully released before the next one opens.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import sys
+from collections import deque
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import msgspec
+
+from ..errors import (
+    HTTPStatusError,
+    IdleTimeout,
+    ProtocolError,
+    SidechainError,
+)
+from ..sse import Comment, Decoder, Event
+from .http import read_error_body
+from .observe import Observer, StreamObservation
+from .retry import RetryPolicy
+from .safe_stream import SafeByteStream, StreamState
+from .sessions import Session
+
+__all__ = ["EventStreamClient", "Fault", "StreamEnded", "StreamStatus"]
+
+StreamStatus = Literal["idle", "connecting", "open", "reconnecting", "closed"]
+
+
+@dataclass(frozen=True, slots=True)
+class Fault:
+    """A connection ended abnormally. ``will_retry`` says whether a reconnect follows after ``delay`` s."""
+
+    error: BaseException
+    will_retry: bool
+    delay: float = 0.0
+
+
+class _Restart(SidechainError):
+    """Internal: restart() asked for a new connection."""
+
+
+Item = Event | Comment | Fault
+
+
+class EventStreamClient:
+    """A reconnecting Server-Sent Events client.
+
+    ``async with EventStreamClient(url) as events: async for event in events: ...`` yields
+    :class:`~sidechain.sse.Event`; ``async for item in events.items()`` also yields :class:`Comment` and
+    :class:`Fault` items, so a caller sees every drop and reconnect while the iteration goes on.
+
+    Reconnects after network errors, read or idle timeouts and a clean end of stream: the first wait is
+    the server's ``retry:`` value exactly (else ``initial_reconnect_delay``); repeated failures back off
+    exponentially with jitter up to ``max_reconnect_delay``; the count resets after a connection stayed
+    up ``healthy_after`` seconds. ``Last-Event-ID`` is sent on reconnect (and first, if given). A 204
+    ends the stream for good. Other statuses and a wrong content type are errors, retried only where
+    ``retry`` (a :class:`RetryPolicy`) says so; a final error ends iteration by raising it.
+
+    ``aclose()`` is idempotent, callable from any task, and wakes every iterator (they end).
+    ``restart()`` drops the connection and reconnects at once.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        method: str = "GET",
+        body: Any = None,
+        headers: Mapping[str, str] | None = None,
+        last_event_id: str | None = None,
+        initial_reconnect_delay: float = 1.0,
+        max_reconnect_delay: float = 30.0,
+        healthy_after: float = 5.0,
+        connect_timeout: float | None = 10.0,
+        read_timeout: float | None = None,
+        idle_timeout: float | None = None,
+        retry: RetryPolicy | None = None,
+        session: Session | None = None,
+        observer: Observer | None = None,
+        buffer_items: int = 1024,
+        token: str | None = None,
+    ) -> None:
+        self.url = url
+        self.method = method.upper()
+        self._body: bytes | None = None
+        if body is not None:
+            self._body = body if isinstance(body, bytes) else msgspec.json.encode(body)
+        self._headers = dict(headers or {})
+        if token:
+            self._headers.setdefault("Authorization", f"Bearer {token}")
+        self._decoder = Decoder(comments=True, last_event_id=last_event_id or "")
+        self.initial_reconnect_delay = initial_reconnect_delay
+        self.max_reconnect_delay = max_reconnect_delay
+        self.healthy_after = healthy_after
+        self.connect_timeout = connect_timeout
+        self.read_timeout = read_timeout
+        self.idle_timeout = idle_timeout
+        self._retry = retry or RetryPolicy(max_attempts=sys.maxsize, base_delay=initial_reconnect_delay,
+                                           max_delay=max_reconnect_delay)
+        self._given_session = session
+        self._observer = observer
+        self._max_items = buffer_items
+        self._buffer: deque[Item] = deque()
+        self._readable = asyncio.Event()
+        self._writable = asyncio.Event()
+        self._writable.set()
+        self._task: asyncio.Task[None] | None = None
+        self._stream: SafeByteStream | None = None
+        self._closed = False
+        self._final_error: BaseException | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._last_event_at = 0.0
+        #: ``idle`` before opening, then ``connecting``, ``open``, ``reconnecting`` and ``closed``.
+        self.status: StreamStatus = "idle"
+        #: Consecutive failed connection attempts (0 while healthy).
+        self.failures = 0
+        #: Requests sent so far.
+        self.connections = 0
+        #: When the next reconnect is due (loop time), while ``reconnecting``.
+        self.reconnect_at: float | None = None
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+
+    async def __aenter__(self) -> EventStreamClient:
+        self.open()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    def open(self) -> None:
+        """Start the background connection (idempotent). ``async with`` calls it."""
+        if self._closed:
+            raise RuntimeError("EventStreamClient is closed")
+        if self._task is None:
+            loop = asyncio.get_running_loop()
+            self._task = loop.create_task(self._run(), name=f"sidechain-events {self.url}")
+
+    async def aclose(self) -> None:
+        """Stop for good: the connection and its session are released, every iterator ends."""
+        self._closed = True
+        self._set_status("closed")
+        self._readable.set()
+        self._writable.set()
+        if self._stream is not None:
+            self._stream.fail(_Restart("closed"))
+        task, self._task = self._task, None
+        if task is not None and task is not asyncio.current_task():
+            task.cancel()
+            await asyncio.wait({task})
+            if not task.cancelled() and task.exception() is not None:  # pragma: no cover - a bug
+                raise task.exception()  # type: ignore[misc]
+
+    async def restart(self) -> None:
+        """Drop the current connection and reconnect now (with ``Last-Event-ID``)."""
+        stream = self._stream
+        if stream is not None:
+            stream.fail(_Restart("restart requested"))
+
+    @property
+    def last_event_id(self) -> str:
+        return self._decoder.last_event_id
+
+    @property
+    def retry_hint(self) -> int | None:
+        """The server's ``retry:`` value in milliseconds, if it sent one."""
+        return self._decoder.retry
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    # -- consumption -------------------------------------------------------------------------------
+
+    def __aiter__(self) -> AsyncIterator[Event]:
+        return self._events()
+
+    async def _events(self) -> AsyncIterator[Event]:
+        async for item in self.items():
+            if isinstance(item, Event):
+                yield item
+
+    async def items(self) -> AsyncIterator[Item]:
+        """Every item: events, comments, and a :class:`Fault` for each drop. Raises the final error."""
+        self.open()
+        buffer = self._buffer
+        while True:
+            if buffer:
+                item = buffer.popleft()
+                if len(buffer) < self._max_items:
+                    self._writable.set()
+                yield item
+                continue
+            if self._closed or (self._task is not None and self._task.done()):
+                if self._final_error is not None:
+                    raise self._final_error
+                return
+            self._readable.clear()
+            await self._readable.wait()
+
+    async def _put(self, items: list[Item]) -> None:
+        if len(self._buffer) >= self._max_items:
+            self._writable.clear()
+            await self._writable.wait()
+        self._buffer.extend(items)
+        self._readable.set()
+
+    # -- the connection loop ---------------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            while not self._closed:
+                error: BaseException | None = None
+                opened_at = None
+                session = self._given_session or Session(dedicated=True)
+                try:
+                    self._set_status("connecting" if self.connections == 0 else "reconnecting")
+                    stop = await self._connect_and_read(session)
+                    opened_at = self._opened_at
+                    if stop:
+                        return
+                except _Restart:
+                    self.failures = 0
+                    continue
+                except SidechainError as exc:
+                    error = exc
+                    opened_at = self._opened_at
+                finally:
+                    self._cancel_timer()
+                    if self._stream is not None:
+                        self._stream.close_nowait()
+                        self._stream = None
+                    self._decoder.close()  # a half-received event is discarded
+                    if self._given_session is None:
+                        await session.aclose()  # released before the next connection opens
+                if self._closed:
+                    return
+                if opened_at is not None and loop.time() - opened_at >= self.healthy_after:
+                    self.failures = 0
+                self.failures += 1
+                if error is None:
+                    error = StreamEnded("the server ended the stream")
+                elif not self._retry.is_retryable(error) or self.failures >= self._retry.max_attempts:
+                    self._final_error = error
+                    await self._put([Fault(error, will_retry=False)])
+                    return
+                delay = self._reconnect_delay(error)
+                self._emit("retry", delay=delay, error=repr(error), failures=self.failures)
+                self.reconnect_at = loop.time() + delay
+                self._set_status("reconnecting")
+                await self._put([Fault(error, will_retry=True, delay=delay)])
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                self.reconnect_at = None
+        finally:
+            self._set_status("closed")
+            self._readable.set()
+
+    _opened_at: float | None = None
+
+    async def _connect_and_read(self, session: Session) -> bool:
+        """One connection. Returns True when the stream ended for good (204)."""
+        loop = asyncio.get_running_loop()
+        self._opened_at = None
+        headers = {"Accept": "text/event-stream", "Cache-Control": "no-cache", **self._headers}
+        if self._body is not None:
+            headers.setdefault("Content-Type", "application/json")
+        last_id = self._decoder.last_event_id
+        if last_id:
+            headers["Last-Event-ID"] = last_id
+        self.connections += 1
+        self._emit("connect", attempt=self.connections)
+        response = await session.request(
+            self.method, self.url, data=self._body, headers=headers,
+            connect_timeout=self.connect_timeout, read_timeout=self.read_timeout,
+        )
+        try:
+            if response.status == 204:
+                self._emit("close", status=204)
+                return True
+            if not 200 <= response.status < 300:
+                raise HTTPStatusError(
+                    response.status, headers=dict(response.headers), body=await read_error_body(response),
+                    url=str(response.url), retryable=response.status in self._retry.retry_statuses,
+                )
+            ctype = response.headers.get("Content-Type", "")
+            if not ctype.startswith("text/event-stream"):
+                raise ProtocolError(f"expected Content-Type text/event-stream, got {ctype or 'none'!r}",
+                                    rule="content_type")
+        except BaseException:
+            response.close()
+            raise
+        stream = self._stream = SafeByteStream(response, session=session, read_timeout=self.read_timeout)
+        if self._closed:
+            return True
+        self._opened_at = self._last_event_at = loop.time()
+        self._set_status("open")
+        self._emit("first_byte", status=response.status)
+        self._arm_timer()
+        decoder = self._decoder
+        while True:
+            chunk = await stream.read()
+            if not chunk:
+                return False  # clean end: EventSource reconnects
+            items: list[Any] = decoder.feed(chunk)
+            if items:
+                if any(isinstance(i, Event) for i in items):
+                    self._last_event_at = loop.time()
+                await self._put(items)
+
+    def _reconnect_delay(self, error: BaseException) -> float:
+        if isinstance(error, HTTPStatusError):
+            decision = self._retry.decide(1, error)
+            if decision.action != "give_up" and decision.delay and "retry-after" in {
+                k.lower() for k in error.headers
+            }:
+                return decision.delay
+        hint = self._decoder.retry
+        base = hint / 1000.0 if hint is not None else self.initial_reconnect_delay
+        if self.failures <= 1:
+            return base  # the server's retry value, exactly
+        ceiling = min(self.max_reconnect_delay, max(base, 0.001) * 2 ** (self.failures - 1))
+        return random.uniform(ceiling / 2, ceiling)
+
+    # -- idle deadline -----------------------------------------------------------------------------
+
+    def _arm_timer(self) -> None:
+        if self.idle_timeout is not None:
+            self._timer = asyncio.get_running_loop().call_at(self._last_event_at + self.idle_timeout,
+                                                             self._on_timer)
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        stream = self._stream
+        if stream is None or stream.state is not StreamState.OPEN or self.idle_timeout is None:
+            return
+        if asyncio.get_running_loop().time() >= self._last_event_at + self.idle_timeout:
+            self._emit("stall", deadline="idle_timeout")
+            idle = self.idle_timeout
+            stream.fail(IdleTimeout(f"no event for idle_timeout={idle}s", timeout=idle))
+        else:
+            self._arm_timer()
+
+    def _set_status(self, status: StreamStatus) -> None:
+        if self._closed and status != "closed":
+            return
+        self.status = status
+
+    def _emit(self, kind: str, **info: Any) -> None:
+        if self._observer is None:
+            return
+        try:
+            self._observer(StreamObservation(kind=kind, url=self.url, elapsed=0.0, info=info))
+        except Exception:
+            pass
+
+
+class StreamEnded(SidechainError):
+    """The server ended the stream cleanly (reported in a :class:`Fault`); an EventSource reconnects."""
+
+    retryable = True

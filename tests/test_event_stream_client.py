@@ -1,0 +1,170 @@
+"""EventStreamClient against the fault server: reconnects, Last-Event-ID, retry hints, 204, errors."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import uuid
+
+import pytest
+
+from conftest import Resources, settle_resources
+from sidechain import EventStreamClient, Fault, HTTPStatusError, ProtocolError, ReadError
+from sidechain.client import StreamEnded
+from sidechain.errors import IdleTimeout
+from sidechain.sse import Comment, Event
+
+
+def fresh() -> str:
+    """A unique query value: the fault server counts attempts per URL."""
+    return uuid.uuid4().hex[:8]
+
+
+async def take(client: EventStreamClient, count: int) -> list[Event | Comment | Fault]:
+    out: list[Event | Comment | Fault] = []
+    async for item in client.items():
+        out.append(item)
+        if sum(isinstance(i, Event) for i in out) >= count:
+            break
+    return out
+
+
+async def test_reconnects_after_drop_with_last_event_id_and_server_retry(fault_server: str) -> None:
+    url = f"{fault_server}/s?n=12&fault=fin&at=5&retry=30&hello=1&u={fresh()}"
+    before = Resources.now()
+    async with EventStreamClient(url, initial_reconnect_delay=5) as client:
+        items = await take(client, 2 + 12 + 1)  # hello, 0..4, hello, 5..11, done
+    events = [i for i in items if isinstance(i, Event)]
+    faults = [i for i in items if isinstance(i, Fault)]
+    hellos = [json.loads(e.data) for e in events if e.event == "hello"]
+    deltas = [e.id for e in events if e.event in ("delta", "done")]
+    assert deltas == [str(i) for i in range(13)], "every event once, in order"
+    assert hellos[0]["last_event_id"] is None, "no Last-Event-ID on the first request"
+    assert hellos[1]["last_event_id"] == "4"
+    assert hellos[0]["accept"] == "text/event-stream" and hellos[0]["cache"] == "no-cache"
+    assert len(faults) == 1 and faults[0].will_retry
+    assert isinstance(faults[0].error, ReadError)
+    assert faults[0].delay == 0.030, "the server's retry: value, exactly"
+    assert client.status == "closed"
+    after = await settle_resources(before)
+    assert after.fds <= before.fds and after.tasks <= before.tasks
+
+
+async def test_clean_end_reconnects_and_initial_last_event_id_is_sent(fault_server: str) -> None:
+    url = f"{fault_server}/s?n=3&retry=10&hello=1&u={fresh()}"
+    async with EventStreamClient(url, last_event_id="0") as client:
+        items = await take(client, 5)
+    events = [i for i in items if isinstance(i, Event)]
+    assert json.loads(events[0].data)["last_event_id"] == "0"
+    assert [e.id for e in events if e.event != "hello"] == ["1", "2", "3"]
+    assert json.loads(events[-1].data)["last_event_id"] == "3"
+    assert any(isinstance(i, Fault) and isinstance(i.error, StreamEnded) for i in items)
+
+
+async def test_post_body_and_headers_sent_on_every_reconnect(fault_server: str) -> None:
+    url = f"{fault_server}/s?n=4&fault=fin&at=2&retry=5&hello=1&u={fresh()}"
+    async with EventStreamClient(url, method="POST", body={"q": "é"}, headers={"X-Custom": "yes"}) as client:
+        items = await take(client, 7)
+    hellos = [json.loads(i.data) for i in items if isinstance(i, Event) and i.event == "hello"]
+    assert len(hellos) == 2
+    for h in hellos:
+        assert h["method"] == "POST" and json.loads(h["body"]) == {"q": "é"} and h["custom"] == "yes"
+
+
+async def test_204_stops_for_good(fault_server: str) -> None:
+    async with EventStreamClient(f"{fault_server}/s?fault=204") as client:
+        got = [e async for e in client]
+    assert got == []
+    assert client.connections == 1
+
+
+async def test_4xx_is_final_and_raised(fault_server: str) -> None:
+    async with EventStreamClient(f"{fault_server}/s?fault=status_always&code=404&u={fresh()}") as client:
+        with pytest.raises(HTTPStatusError) as info:
+            async for _ in client:
+                pass
+    assert info.value.status == 404
+    assert client.connections == 1
+
+
+async def test_503_is_retried(fault_server: str) -> None:
+    url = f"{fault_server}/s?n=2&fault=status&faults=2&code=503&u={fresh()}"
+    async with EventStreamClient(url, initial_reconnect_delay=0.01) as client:
+        items = await take(client, 3)
+    faults = [i for i in items if isinstance(i, Fault)]
+    assert [f.error.status for f in faults if isinstance(f.error, HTTPStatusError)] == [503, 503]
+    assert faults[1].delay >= faults[0].delay / 2  # backoff, with jitter
+
+
+async def test_wrong_content_type_is_final(fault_server: str) -> None:
+    async with EventStreamClient(f"{fault_server}/s?fault=html") as client:
+        with pytest.raises(ProtocolError):
+            async for _ in client:
+                pass
+
+
+async def test_follows_307(fault_server: str) -> None:
+    async with EventStreamClient(f"{fault_server}/s?n=2&fault=redirect&u={fresh()}") as client:
+        items = await take(client, 3)
+    assert [i.id for i in items if isinstance(i, Event)] == ["0", "1", "2"]
+
+
+async def test_aclose_from_another_task_wakes_every_iterator(fault_server: str) -> None:
+    before = Resources.now()
+    opened = asyncio.Event()
+    client = EventStreamClient(f"{fault_server}/s?fault=stall",
+                               observer=lambda o: opened.set() if o.kind == "first_byte" else None)
+    await client.__aenter__()
+
+    async def consume() -> int:
+        return len([e async for e in client])
+
+    readers = [asyncio.create_task(consume()) for _ in range(3)]
+    await asyncio.wait_for(opened.wait(), 5)
+    assert client.status == "open"
+    await asyncio.gather(client.aclose(), client.aclose())  # idempotent, concurrent
+    assert await asyncio.wait_for(asyncio.gather(*readers), 1) == [0, 0, 0]
+    after = await settle_resources(before)
+    assert after.fds <= before.fds and after.tasks <= before.tasks
+
+
+async def test_restart_reconnects_with_last_event_id(fault_server: str) -> None:
+    url = f"{fault_server}/s?n=400&gap=0.01&hello=1&u={fresh()}"
+    async with EventStreamClient(url) as client:
+        seen: list[Event] = []
+        async for event in client:
+            seen.append(event)
+            if event.event == "delta" and event.id == "3":
+                await client.restart()
+            if event.event == "delta" and event.id == "6":
+                break
+    hellos = [json.loads(e.data) for e in seen if e.event == "hello"]
+    assert [h["last_event_id"] for h in hellos] == [None, "3"]
+    assert [e.id for e in seen if e.event == "delta"] == ["0", "1", "2", "3", "4", "5", "6"]
+
+
+async def test_idle_timeout_reconnects(fault_server: str) -> None:
+    url = f"{fault_server}/s?fault=trickle&retry=10&u={fresh()}"
+    async with EventStreamClient(url, idle_timeout=0.4) as client:
+        async for item in client.items():
+            if isinstance(item, Fault):
+                assert isinstance(item.error, IdleTimeout) and item.will_retry
+                break
+
+
+async def test_backoff_grows_on_repeated_failures() -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    async with EventStreamClient(f"http://127.0.0.1:{port}/s", initial_reconnect_delay=0.01,
+                                 max_reconnect_delay=0.2) as client:
+        delays = []
+        async for item in client.items():
+            assert isinstance(item, Fault)
+            delays.append(item.delay)
+            if len(delays) == 6:
+                break
+    assert delays[0] == 0.01
+    assert max(delays[3:]) > 0.04  # grew (jittered in [ceiling/2, ceiling])
+    assert all(d <= 0.2 for d in delays)
