@@ -9,6 +9,9 @@ from importlib.metadata import PackageNotFoundError, version
 
 from . import sse
 from .client import (
+    BtwAnswer,
+    BtwClient,
+    Conversation,
     EventStream,
     EventStreamClient,
     Fault,
@@ -28,6 +31,7 @@ from .errors import (
     ProtocolError,
     ReadError,
     ReadTimeout,
+    RemoteError,
     RetryExhausted,
     SessionInvalidated,
     SidechainError,
@@ -44,9 +48,12 @@ except PackageNotFoundError:  # pragma: no cover - running from a source tree wi
     __version__ = "0.0.0"
 
 __all__ = [
+    "BtwAnswer",
+    "BtwClient",
     "Comment",
     "ConnectError",
     "ConnectTimeout",
+    "Conversation",
     "DeadlineExceeded",
     "Decoder",
     "EncodeError",
@@ -61,6 +68,7 @@ __all__ = [
     "ProtocolError",
     "ReadError",
     "ReadTimeout",
+    "RemoteError",
     "RetryExhausted",
     "RetryPolicy",
     "SafeByteStream",

@@ -19,7 +19,8 @@ SidechainError
 ├── StreamInterrupted         (broke after events were delivered and cannot resume)
 ├── StreamTruncated           (ended cleanly but before its terminal event)
 ├── SessionInvalidated        (the session was closed under the stream)
-└── RetryExhausted            (retries used up, or the server asked to wait too long)
+├── RetryExhausted            (retries used up, or the server asked to wait too long)
+└── RemoteError               (the gateway ended a stream with an ``error`` event)
 ```
 """
 
@@ -41,6 +42,7 @@ __all__ = [
     "ProtocolError",
     "ReadError",
     "ReadTimeout",
+    "RemoteError",
     "RetryExhausted",
     "SessionInvalidated",
     "SidechainError",
@@ -199,3 +201,17 @@ class RetryExhausted(SidechainError):
         self.attempts = attempts
         self.last_error = last_error
         self.retry_after = retry_after
+
+
+class RemoteError(SidechainError):
+    """The gateway ended a stream with an ``error`` event (or a ``turn.failed``).
+
+    ``type`` is the gateway's machine-readable error type (``cancelled``, ``upstream_error``, ...),
+    ``message`` its explanation, ``data`` the whole decoded payload.
+    """
+
+    def __init__(self, type: str, message: str, *, data: Mapping[str, Any] | None = None) -> None:
+        super().__init__(f"{type}: {message}")
+        self.type = type
+        self.message = message
+        self.data: dict[str, Any] = dict(data or {})

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from .btw import BtwAnswer, BtwClient
+from .conversation import Conversation
 from .events import EventStreamClient, Fault, StreamEnded, StreamStatus
 from .http import EventStream, GatewayHTTPClient, StreamContext
 from .observe import Observer, StreamObservation
@@ -10,6 +12,9 @@ from .safe_stream import SafeByteStream, StreamState
 from .sessions import Session
 
 __all__ = [
+    "BtwAnswer",
+    "BtwClient",
+    "Conversation",
     "Decision",
     "EventStream",
     "EventStreamClient",

@@ -1,0 +1,126 @@
+"""Conversation: the small high-level helper over the gateway's wire contract.
+
+```python
+conv = await Conversation.create("http://127.0.0.1:8765")
+async with conv.btw("what is this conversation about?") as answer:
+    async for delta in answer:
+        print(delta, end="")
+print(await conv.ask("Tell me about streaming"))
+```
+
+It holds no connections: every call owns what it opens (dedicated sessions), so there is nothing to
+close.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+from urllib.parse import quote
+
+from ..errors import ProtocolError, RemoteError
+from .btw import BtwAnswer, BtwClient, decode_payload
+from .events import EventStreamClient
+from .http import GatewayHTTPClient
+
+__all__ = ["Conversation"]
+
+
+class Conversation:
+    """One conversation on a gateway: send messages, follow events, ask btw questions."""
+
+    def __init__(self, gateway: str | GatewayHTTPClient, conversation_id: str, *, token: str | None = None
+                 ) -> None:
+        if not isinstance(gateway, GatewayHTTPClient):
+            gateway = GatewayHTTPClient(gateway, token=token)
+        self.http = gateway
+        self.id = conversation_id
+        self._btw = BtwClient(self.http)
+        self._path = f"/v1/conversations/{quote(conversation_id, safe='')}"
+        self._last_answer: BtwAnswer | None = None
+        self.last_turn_id: str | None = None
+
+    @classmethod
+    async def create(cls, gateway: str | GatewayHTTPClient, *, token: str | None = None) -> Conversation:
+        """Create a new conversation on the gateway."""
+        http = gateway if isinstance(gateway, GatewayHTTPClient) else GatewayHTTPClient(gateway, token=token)
+        created = await http.request_json("POST", "/v1/conversations", {})
+        if not isinstance(created, dict) or not isinstance(created.get("id"), str):
+            raise ProtocolError(f"unexpected answer to conversation creation: {created!r}", rule="json")
+        return cls(http, created["id"])
+
+    @classmethod
+    def attach(cls, gateway: str | GatewayHTTPClient, conversation_id: str, *, token: str | None = None
+               ) -> Conversation:
+        """Use an existing conversation (nothing is sent until the first call)."""
+        return cls(gateway, conversation_id, token=token)
+
+    async def history(self) -> dict[str, Any]:
+        """The conversation as the gateway has it: messages and the active turn."""
+        result: dict[str, Any] = await self.http.request_json("GET", self._path)
+        return result
+
+    async def send(self, text: str, *, queue: bool = False) -> str:
+        """Start a main turn; returns its turn id. Its answer streams on :meth:`events`.
+
+        Raises :class:`HTTPStatusError` 409 while another turn runs, unless ``queue`` is true.
+        """
+        body: dict[str, Any] = {"text": text}
+        if queue:
+            body["queue"] = True
+        result = await self.http.request_json("POST", f"{self._path}/messages", body)
+        turn_id = result.get("turn_id") if isinstance(result, dict) else None
+        if not isinstance(turn_id, str):
+            raise ProtocolError(f"unexpected answer to a message: {result!r}", rule="json")
+        self.last_turn_id = turn_id
+        return turn_id
+
+    def events(self, *, last_event_id: str | None = None, **options: Any) -> EventStreamClient:
+        """The conversation's event stream (``async with conv.events() as events: ...``)."""
+        return EventStreamClient(
+            self.http.url(f"{self._path}/events"), last_event_id=last_event_id, token=self.http.token,
+            **options,
+        )
+
+    def btw(self, question: str, *, thread_id: str | None = None, follow_up: bool = False) -> BtwAnswer:
+        """Ask a side question; ``follow_up=True`` continues the thread of the previous btw."""
+        if follow_up and thread_id is None:
+            thread_id = self.btw_thread_id
+        answer = self._btw.send_message(self.id, question, thread_id=thread_id)
+        self._last_answer = answer
+        return answer
+
+    @property
+    def btw_thread_id(self) -> str | None:
+        """The btw thread of the last :meth:`btw` answer (what ``follow_up=True`` continues)."""
+        return self._last_answer.thread_id if self._last_answer is not None else None
+
+    async def cancel_turn(self, turn_id: str | None = None) -> None:
+        """Stop a running main turn (the last one sent, by default); it ends with ``turn.failed``."""
+        turn = turn_id or self.last_turn_id
+        if turn is None:
+            raise ValueError("no turn to cancel")
+        await self.http.request_json("POST", f"{self._path}/turns/{quote(turn, safe='')}/cancel", {})
+
+    async def ask(self, text: str) -> str:
+        """Send ``text`` and wait for the main turn's whole answer (raises :class:`RemoteError` if the
+        turn fails)."""
+        async with self.events(initial_reconnect_delay=0.2) as events:
+            turn_id = await self.send(text)
+            parts: list[str] = []
+            async for event in events:
+                if not event.event.startswith(("message.", "turn.")):
+                    continue
+                data = decode_payload(event)
+                if data.get("turn_id") != turn_id:
+                    continue
+                if event.event == "message.delta":
+                    parts.append(str(data.get("delta", "")))
+                elif event.event == "message.completed" and isinstance(data.get("text"), str):
+                    parts = [data["text"]]
+                elif event.event == "turn.completed":
+                    return "".join(parts)
+                elif event.event == "turn.failed":
+                    err = data.get("error") or {}
+                    raise RemoteError(str(err.get("type", "turn_failed")), str(err.get("message", "")),
+                                      data=data)
+        raise ProtocolError("the event stream ended before the turn did", rule="terminal")
