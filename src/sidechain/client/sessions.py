@@ -161,6 +161,23 @@ class Session:
         client = self._ensure()
         loop = asyncio.get_running_loop()
         timeout = aiohttp.ClientTimeout(total=None, connect=connect_timeout, sock_read=read_timeout)
+        if self.dedicated:
+            # Only its owning call uses a dedicated session, so no other task can close it under this
+            # request: send inline, without the watcher task a shared session needs.
+            try:
+                async with asyncio.timeout_at(deadline):
+                    return await _send(client, method, url, data, headers, timeout)
+            except TimeoutError as exc:
+                if deadline is not None and loop.time() >= deadline:
+                    raise deadline_error or ConnectTimeout("deadline passed while connecting",
+                                                           timeout=connect_timeout) from exc
+                raise map_request_error(exc, connect_timeout=connect_timeout, read_timeout=read_timeout
+                                        ) from exc
+            except Exception as exc:
+                if self._closed:
+                    raise SessionInvalidated("the session was closed while a request was connecting") from exc
+                raise map_request_error(exc, connect_timeout=connect_timeout, read_timeout=read_timeout
+                                        ) from exc
         task: asyncio.Task[aiohttp.ClientResponse] = loop.create_task(
             _send(client, method, url, data, headers, timeout)
         )
