@@ -8,19 +8,21 @@ BENCH_STAMP := $(VENV)/.installed-bench
 
 .PHONY: run test lint typecheck pytest bench clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml hatch_build.py src/sidechain/sse.py
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e '.[dev]'
+	$(BIN)/python -c 'import sidechain.sse as s; assert s._COMPILED, "mypyc build of sidechain.sse not in use"'
 	touch $(STAMP)
 
 $(BENCH_STAMP): $(STAMP)
 	$(BIN)/python -m pip install -q -e '.[dev,bench]'
 	touch $(BENCH_STAMP)
 
+# On a terminal: a local gateway (embedded echo model) and `sidechain chat` against it, stopped on exit.
+# Without a terminal (CI, pipes): the scripted demo, a main turn with a btw asked while it streams.
 run: $(STAMP)
-	$(BIN)/sidechain --version
-	printf 'data: hello\n\nid: 1\nevent: message.delta\ndata: {"text": "w\303\266rld"}\n\n' | $(BIN)/sidechain decode
+	@if [ -t 0 ] && [ -t 1 ]; then $(BIN)/sidechain chat --with-gateway; else $(BIN)/sidechain demo; fi
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests bench

@@ -36,6 +36,13 @@ def _cmd_decode(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_serve(args: argparse.Namespace) -> int:
+    """Run the gateway until SIGTERM or Ctrl-C (imported lazily: other commands do not need it)."""
+    from .gateway.server import serve_main
+
+    return serve_main(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sidechain", description=__doc__)
     parser.add_argument("--version", action="version", version=f"sidechain {__version__}")
@@ -44,6 +51,22 @@ def build_parser() -> argparse.ArgumentParser:
     dec.add_argument("file", nargs="?", default="-")
     dec.add_argument("--comments", action="store_true", help="also print comment lines")
     dec.set_defaults(func=_cmd_decode)
+    srv = sub.add_parser("serve", help="run the gateway (Starlette on uvicorn)")
+    srv.add_argument("--host", default="127.0.0.1", help="interface (default 127.0.0.1; others need a token)")
+    srv.add_argument("--port", type=int, default=8765, help="TCP port (0 = any free port; default 8765)")
+    srv.add_argument("--model", default="echo", help="echo (offline, default) or openai:BASE_URL:MODEL")
+    srv.add_argument("--store", default=None, help="sqlite:PATH (default: in the user data dir) or memory")
+    srv.add_argument("--token", default=None, help="bearer token (generated when needed and not given)")
+    srv.add_argument("--echo-pace", type=float, default=30.0, help="echo model tokens per second (0 = max)")
+    srv.add_argument("--keepalive", type=float, default=None, help="seconds between keepalive comments")
+    srv.add_argument("--btw-grace", type=float, default=None, help="seconds a btw outlives its reader")
+    srv.add_argument("--retention", type=int, default=None, help="events kept per conversation")
+    srv.add_argument("--cors-origin", action="append", default=[], help="allow this origin (repeatable)")
+    srv.add_argument("--no-access-log", action="store_true", help="do not log one line per request")
+    srv.set_defaults(func=_cmd_serve)
+    from .commands import add_client_commands
+
+    add_client_commands(sub)
     return parser
 
 

@@ -1,0 +1,117 @@
+"""The event log protocol: what every store (memory, sqlite, later Redis Streams) guarantees.
+
+Writes are *enqueued* synchronously and never block the event loop; they become durable in the order
+they were enqueued. The log calls its ``sink`` (on the event loop, in append order) with events only
+once they are durable, so no client ever sees an event a restart could forget. Event ids are assigned
+by the caller: contiguous integers per conversation, starting at 1.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Protocol
+
+import msgspec
+
+__all__ = [
+    "ConversationRecord",
+    "EventLog",
+    "EventSink",
+    "StoredEvent",
+    "TurnRecord",
+    "TurnState",
+]
+
+
+class StoredEvent(msgspec.Struct, frozen=True, gc=False):
+    """One event of a conversation's log. ``data`` is the JSON object as text, encoded once."""
+
+    conversation_id: str
+    id: int
+    type: str
+    data: str
+
+
+class TurnState:
+    """The states a turn moves through: queued → running → completed | failed (or queued → failed)."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    UNFINISHED = (QUEUED, RUNNING)
+
+
+class TurnRecord(msgspec.Struct, frozen=True):
+    """A turn as stored: the user's message and, once completed, the assistant's answer."""
+
+    turn_id: str
+    seq: int
+    user_text: str
+    state: str
+    assistant_text: str | None = None
+    error_type: str | None = None
+
+
+class ConversationRecord(msgspec.Struct, frozen=True):
+    """A conversation as loaded from a store: its turns in order and the last event id written."""
+
+    id: str
+    created_at: float
+    turns: list[TurnRecord]
+    last_event_id: int
+
+
+EventSink = Callable[[Sequence[StoredEvent]], None]
+
+
+class EventLog(Protocol):
+    """A per-conversation append-only log of events plus the conversation and turn records.
+
+    * ``create_conversation``, ``save_turn`` and ``append`` enqueue and return at once; they never raise
+      for I/O reasons (a failed write is logged and its events are still delivered, flagged in logs).
+    * ``flush`` returns once everything enqueued before the call is durable and delivered to the sink.
+    * At most ``retention`` events are kept per conversation: the oldest are trimmed first.
+    * ``close`` flushes, then releases every resource (threads, files). It is idempotent.
+    """
+
+    #: True when events survive a process restart.
+    durable: bool
+    #: Events kept per conversation.
+    retention: int
+
+    async def open(self, sink: EventSink) -> None:
+        """Open the store; ``sink`` receives durable events from now on."""
+        ...
+
+    async def close(self) -> None:
+        """Flush and release everything. After close, writes are ignored."""
+        ...
+
+    def create_conversation(self, conversation_id: str, created_at: float) -> None:
+        """Enqueue the creation of a conversation."""
+        ...
+
+    def save_turn(self, conversation_id: str, turn: TurnRecord) -> None:
+        """Enqueue an insert-or-update of a turn (keyed by ``turn_id``)."""
+        ...
+
+    def append(self, event: StoredEvent) -> None:
+        """Enqueue one event; the sink gets it once durable."""
+        ...
+
+    async def flush(self) -> None:
+        """Wait until everything enqueued so far is durable and delivered to the sink."""
+        ...
+
+    async def load_conversation(self, conversation_id: str) -> ConversationRecord | None:
+        """The stored conversation, or None when unknown."""
+        ...
+
+    async def read(self, conversation_id: str, after_id: int, limit: int) -> list[StoredEvent]:
+        """Up to ``limit`` retained events with ``id > after_id``, in id order."""
+        ...
+
+    async def unfinished_turns(self) -> list[tuple[str, TurnRecord]]:
+        """``(conversation_id, turn)`` for every turn left queued or running (after a crash)."""
+        ...

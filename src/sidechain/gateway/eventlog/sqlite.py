@@ -1,0 +1,313 @@
+"""Durable event log on stdlib sqlite3, written from one worker thread in batches.
+
+Every write is enqueued on the event loop and returns at once; one writer task hands batches (all that
+accumulated while the previous batch was committing, up to ``max_batch`` operations) to a single
+dedicated thread, which commits them in one transaction (WAL, ``synchronous=NORMAL``: durable across
+a killed process). Only after the commit are the batch's events handed to the sink, so a client never
+sees an event that a restart could forget, and ids continue after a restart without a gap or reuse.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import sqlite3
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+
+from .base import ConversationRecord, EventSink, StoredEvent, TurnRecord, TurnState
+
+__all__ = ["SqliteEventLog"]
+
+log = logging.getLogger("sidechain.gateway.eventlog")
+
+T = TypeVar("T")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS conversations (
+    id TEXT PRIMARY KEY,
+    created_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS turns (
+    conversation_id TEXT NOT NULL,
+    turn_id TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    user_text TEXT NOT NULL,
+    state TEXT NOT NULL,
+    assistant_text TEXT,
+    error_type TEXT,
+    PRIMARY KEY (conversation_id, turn_id)
+);
+CREATE INDEX IF NOT EXISTS turns_unfinished ON turns (state) WHERE state IN ('queued', 'running');
+CREATE TABLE IF NOT EXISTS events (
+    conversation_id TEXT NOT NULL,
+    id INTEGER NOT NULL,
+    type TEXT NOT NULL,
+    data TEXT NOT NULL,
+    PRIMARY KEY (conversation_id, id)
+) WITHOUT ROWID;
+"""
+
+# One enqueued write: ("conv", id, created_at) | ("turn", conv_id, TurnRecord) | ("event", StoredEvent)
+_Op = tuple[Any, ...]
+
+
+class SqliteEventLog:
+    """An :class:`~.base.EventLog` in a sqlite file.
+
+    Owns one thread (a single-worker executor) and one writer task; :meth:`close` flushes, stops the
+    task, closes the connection and joins the thread, on every path (also when cancelled).
+    """
+
+    durable = True
+
+    def __init__(self, path: str, *, retention: int, max_batch: int = 4096) -> None:
+        self.path = path
+        self.retention = retention
+        self._max_batch = max_batch
+        self._pending: list[_Op] = []
+        self._enqueued = 0
+        self._committed = 0
+        self._waiters: list[tuple[int, asyncio.Future[None]]] = []
+        self._wake = asyncio.Event()
+        self._closing = False
+        self._closed = False
+        self._sink: EventSink | None = None
+        self._conn: sqlite3.Connection | None = None
+        self._executor: ThreadPoolExecutor | None = None
+        self._writer: asyncio.Task[None] | None = None
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+
+    async def open(self, sink: EventSink) -> None:
+        """Open (creating if needed) the database file and start the writer task."""
+        self._sink = sink
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sidechain-sqlite")
+        try:
+            await self._run(self._open_sync)
+        except BaseException:
+            self._executor.shutdown(wait=True)
+            self._executor = None
+            raise
+        self._writer = asyncio.get_running_loop().create_task(
+            self._write_loop(), name="sidechain-sqlite-writer"
+        )
+
+    async def close(self) -> None:
+        """Commit everything enqueued, stop the writer, close the file and join the thread.
+
+        Idempotent. If cancelled, the writer is cancelled too (the in-flight batch may still commit)
+        and the connection and thread are released before ``CancelledError`` propagates.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        self._closing = True
+        self._wake.set()
+        writer, self._writer = self._writer, None
+        try:
+            if writer is not None:
+                await writer
+        finally:
+            if writer is not None and not writer.done():
+                writer.cancel()
+                await asyncio.gather(writer, return_exceptions=True)
+            executor, self._executor = self._executor, None
+            if executor is not None:
+                conn, self._conn = self._conn, None
+                if conn is not None:
+                    executor.submit(conn.close)
+                await asyncio.get_running_loop().run_in_executor(None, executor.shutdown, True)
+            for _, fut in self._waiters:
+                if not fut.done():
+                    fut.set_result(None)
+            self._waiters.clear()
+            self._sink = None
+
+    # -- writes (enqueue only) ---------------------------------------------------------------------
+
+    def _enqueue(self, op: _Op) -> None:
+        if self._closed and self._writer is None:
+            log.warning("write after close ignored: %s", op[0])
+            return
+        self._pending.append(op)
+        self._enqueued += 1
+        self._wake.set()
+
+    def create_conversation(self, conversation_id: str, created_at: float) -> None:
+        self._enqueue(("conv", conversation_id, created_at))
+
+    def save_turn(self, conversation_id: str, turn: TurnRecord) -> None:
+        self._enqueue(("turn", conversation_id, turn))
+
+    def append(self, event: StoredEvent) -> None:
+        self._enqueue(("event", event))
+
+    async def flush(self) -> None:
+        """Wait until every write enqueued before this call is committed and its events delivered."""
+        target = self._enqueued
+        if self._committed >= target or self._writer is None:
+            return
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append((target, fut))
+        await fut
+
+    # -- reads -------------------------------------------------------------------------------------
+
+    async def load_conversation(self, conversation_id: str) -> ConversationRecord | None:
+        await self.flush()
+        return await self._run(self._load_sync, conversation_id)
+
+    async def read(self, conversation_id: str, after_id: int, limit: int) -> list[StoredEvent]:
+        return await self._run(self._read_sync, conversation_id, after_id, limit)
+
+    async def unfinished_turns(self) -> list[tuple[str, TurnRecord]]:
+        await self.flush()
+        return await self._run(self._unfinished_sync)
+
+    # -- internals ---------------------------------------------------------------------------------
+
+    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
+        if self._executor is None:
+            raise RuntimeError("the sqlite event log is not open")
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    async def _write_loop(self) -> None:
+        while True:
+            if not self._pending:
+                if self._closing:
+                    return
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            batch = self._pending[: self._max_batch]
+            del self._pending[: len(batch)]
+            try:
+                await self._run(self._write_sync, batch)
+            except Exception:
+                log.exception(
+                    "sqlite write of %d operations failed; their events are delivered anyway", len(batch)
+                )
+            self._committed += len(batch)
+            events = [op[1] for op in batch if op[0] == "event"]
+            if events and self._sink is not None:
+                try:
+                    self._sink(events)
+                except Exception:
+                    log.exception("event sink failed")
+            if self._waiters:
+                still: list[tuple[int, asyncio.Future[None]]] = []
+                for target, fut in self._waiters:
+                    if target <= self._committed:
+                        if not fut.done():
+                            fut.set_result(None)
+                    else:
+                        still.append((target, fut))
+                self._waiters = still
+
+    def _open_sync(self) -> None:
+        directory = os.path.dirname(os.path.abspath(self.path))
+        os.makedirs(directory, exist_ok=True)
+        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=NORMAL")
+            conn.execute("PRAGMA busy_timeout=5000")
+            conn.executescript(_SCHEMA)
+        except BaseException:
+            conn.close()
+            raise
+        self._conn = conn
+
+    def _write_sync(self, batch: list[_Op]) -> None:
+        conn = self._conn
+        assert conn is not None
+        convs: list[tuple[str, float]] = []
+        turns: list[tuple[Any, ...]] = []
+        events: list[tuple[str, int, str, str]] = []
+        newest: dict[str, int] = {}
+        for op in batch:
+            kind = op[0]
+            if kind == "event":
+                ev: StoredEvent = op[1]
+                events.append((ev.conversation_id, ev.id, ev.type, ev.data))
+                newest[ev.conversation_id] = ev.id
+            elif kind == "turn":
+                t: TurnRecord = op[2]
+                turns.append((op[1], t.turn_id, t.seq, t.user_text, t.state, t.assistant_text, t.error_type))
+            else:
+                convs.append((op[1], op[2]))
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            if convs:
+                conn.executemany("INSERT OR IGNORE INTO conversations (id, created_at) VALUES (?, ?)", convs)
+            if events:
+                conn.executemany(
+                    "INSERT OR REPLACE INTO events (conversation_id, id, type, data) VALUES (?, ?, ?, ?)",
+                    events,
+                )
+            if turns:
+                conn.executemany(
+                    "INSERT INTO turns"
+                    " (conversation_id, turn_id, seq, user_text, state, assistant_text, error_type)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (conversation_id, turn_id) DO UPDATE SET"
+                    " state = excluded.state, assistant_text = excluded.assistant_text,"
+                    " error_type = excluded.error_type",
+                    turns,
+                )
+            trims = [(cid, last - self.retention) for cid, last in newest.items() if last > self.retention]
+            if trims:
+                conn.executemany("DELETE FROM events WHERE conversation_id = ? AND id <= ?", trims)
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+
+    def _load_sync(self, conversation_id: str) -> ConversationRecord | None:
+        conn = self._conn
+        assert conn is not None
+        row = conn.execute("SELECT created_at FROM conversations WHERE id = ?", (conversation_id,)).fetchone()
+        if row is None:
+            return None
+        turns = [
+            TurnRecord(
+                turn_id=r[0], seq=r[1], user_text=r[2], state=r[3], assistant_text=r[4], error_type=r[5]
+            )
+            for r in conn.execute(
+                "SELECT turn_id, seq, user_text, state, assistant_text, error_type FROM turns"
+                " WHERE conversation_id = ? ORDER BY seq",
+                (conversation_id,),
+            )
+        ]
+        last = conn.execute(
+            "SELECT MAX(id) FROM events WHERE conversation_id = ?", (conversation_id,)
+        ).fetchone()
+        return ConversationRecord(conversation_id, float(row[0]), turns, int(last[0] or 0))
+
+    def _read_sync(self, conversation_id: str, after_id: int, limit: int) -> list[StoredEvent]:
+        conn = self._conn
+        assert conn is not None
+        rows = conn.execute(
+            "SELECT id, type, data FROM events WHERE conversation_id = ? AND id > ? ORDER BY id LIMIT ?",
+            (conversation_id, after_id, limit),
+        ).fetchall()
+        return [StoredEvent(conversation_id, int(r[0]), r[1], r[2]) for r in rows]
+
+    def _unfinished_sync(self) -> list[tuple[str, TurnRecord]]:
+        conn = self._conn
+        assert conn is not None
+        rows = conn.execute(
+            "SELECT conversation_id, turn_id, seq, user_text, state, assistant_text, error_type FROM turns"
+            f" WHERE state IN ('{TurnState.QUEUED}', '{TurnState.RUNNING}') ORDER BY conversation_id, seq"
+        ).fetchall()
+        return [
+            (
+                r[0],
+                TurnRecord(
+                    turn_id=r[1], seq=r[2], user_text=r[3], state=r[4], assistant_text=r[5], error_type=r[6]
+                ),
+            )
+            for r in rows
+        ]

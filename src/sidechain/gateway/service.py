@@ -1,0 +1,203 @@
+"""The :class:`Gateway`: owner of the event log, the model, the conversations and the btws."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import secrets
+import time
+from collections.abc import Sequence
+from types import TracebackType
+
+from ..sse import Encoder
+from .btw import BtwRegistry
+from .config import GatewayConfig
+from .conversations import Conversation
+from .errors import NotFound, ServiceUnavailable
+from .eventlog import ConversationRecord, EventLog, StoredEvent, open_event_log
+from .metrics import Metrics
+from .models import ModelBackend, build_model
+
+__all__ = ["Gateway", "new_conversation_id"]
+
+log = logging.getLogger("sidechain.gateway")
+
+_CONVERSATION_ID = re.compile(r"^[0-9a-f]{32}$")
+
+
+def new_conversation_id() -> str:
+    """A fresh conversation id: 128 random bits as 32 lowercase hex digits."""
+    return secrets.token_hex(16)
+
+
+class Gateway:
+    """Everything behind the HTTP routes. Use as ``async with Gateway(config):`` or start/close.
+
+    Lifecycle: :meth:`start` opens the log and fails turns a killed process left unfinished
+    (``gateway_restarted``). :meth:`shutdown` is the graceful part: new work is refused (503), running
+    turns and btws end with ``gateway_shutdown``, those events are made durable, every open event
+    stream gets a final ``gateway.shutdown`` event, and it waits (``shutdown_grace``) for the streams to
+    end. :meth:`close` runs :meth:`shutdown` if needed, then stops every task and closes the model and
+    the log. Both are idempotent; after :meth:`close` no task of the gateway is left.
+    """
+
+    def __init__(
+        self, config: GatewayConfig, *, log: EventLog | None = None, model: ModelBackend | None = None
+    ) -> None:
+        self.config = config
+        self.log: EventLog = (
+            log if log is not None else open_event_log(config.store, retention=config.retention)
+        )
+        self.model: ModelBackend = model if model is not None else build_model(config)
+        self.metrics = Metrics()
+        self.encoder = Encoder()
+        self.btws = BtwRegistry(self)
+        self._convs: dict[str, Conversation] = {}
+        self._streams = 0
+        self._no_streams = asyncio.Event()
+        self._no_streams.set()
+        self.shutting_down = False
+        self._started = False
+        self._closed = False
+        self._shutdown_done: asyncio.Future[None] | None = None
+
+    async def __aenter__(self) -> Gateway:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Open the store, recover interrupted turns, start the btw janitor.
+
+        On failure, everything opened so far is closed again before the error propagates.
+        """
+        await self.log.open(self._on_durable)
+        self._started = True
+        try:
+            await self.btws.start()
+            interrupted = await self.log.unfinished_turns()
+            for conversation_id, turn in interrupted:
+                conv = await self._load(conversation_id)
+                if conv is not None:
+                    log.warning("turn %s of %s was interrupted by a restart", turn.turn_id, conversation_id)
+                    conv.restore_interrupted(turn.turn_id)
+            await self.log.flush()
+        except BaseException:
+            await self.close()
+            raise
+
+    async def shutdown(self) -> None:
+        """Graceful shutdown (see the class docstring). Concurrent callers all wait for the first."""
+        if self._shutdown_done is not None:
+            await asyncio.shield(self._shutdown_done)
+            return
+        self._shutdown_done = asyncio.get_running_loop().create_future()
+        self.shutting_down = True
+        try:
+            convs = list(self._convs.values())
+            await asyncio.gather(*(c.close("gateway_shutdown") for c in convs))
+            await self.btws.cancel_all("gateway_shutdown")
+            if self._started:
+                await self.log.flush()
+            deadline = asyncio.get_running_loop().time() + self.config.slow_consumer_grace
+            for conv in convs:
+                for sub in conv.subscribers:
+                    sub.shutdown = True
+                    if sub.send_scope is not None:  # a reader stuck in a write gets a bounded time too
+                        sub.send_scope.reschedule(deadline)
+                    sub.wake()
+            try:
+                async with asyncio.timeout(self.config.shutdown_grace):
+                    await self._no_streams.wait()
+            except TimeoutError:
+                log.warning(
+                    "%d streams still open after %.1f s of shutdown grace",
+                    self._streams,
+                    self.config.shutdown_grace,
+                )
+        finally:
+            self._shutdown_done.set_result(None)
+
+    async def close(self) -> None:
+        """Shut down if not done yet, then release every task, the model and the store."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            await self.shutdown()
+        finally:
+            try:
+                await self.btws.close()
+            finally:
+                try:
+                    await self.model.aclose()
+                finally:
+                    if self._started:
+                        await self.log.close()
+
+    # -- streams (for graceful shutdown) -----------------------------------------------------------
+
+    def stream_opened(self) -> None:
+        self._streams += 1
+        self._no_streams.clear()
+
+    def stream_closed(self) -> None:
+        self._streams -= 1
+        if self._streams == 0:
+            self._no_streams.set()
+
+    @property
+    def open_streams(self) -> int:
+        return self._streams
+
+    # -- conversations -----------------------------------------------------------------------------
+
+    async def create_conversation(self) -> Conversation:
+        """Create a conversation; returns once it is durable."""
+        if self.shutting_down:
+            raise ServiceUnavailable("shutting_down", "the gateway is shutting down")
+        cid = new_conversation_id()
+        now = time.time()
+        self.log.create_conversation(cid, now)
+        conv = Conversation(self, ConversationRecord(cid, now, [], 0))
+        self._convs[cid] = conv
+        self.metrics.conversations_loaded = len(self._convs)
+        await self.log.flush()
+        return conv
+
+    async def conversation(self, conversation_id: str) -> Conversation:
+        """The conversation, loaded from the store if needed; ``NotFound`` if unknown."""
+        conv = self._convs.get(conversation_id)
+        if conv is None:
+            conv = await self._load(conversation_id)
+            if conv is None:
+                raise NotFound("conversation_not_found", f"no conversation {conversation_id!r}")
+        return conv
+
+    async def _load(self, conversation_id: str) -> Conversation | None:
+        if not _CONVERSATION_ID.match(conversation_id):
+            return None
+        record = await self.log.load_conversation(conversation_id)
+        existing = self._convs.get(conversation_id)
+        if existing is not None:  # loaded concurrently
+            return existing
+        if record is None:
+            return None
+        conv = Conversation(self, record)
+        self._convs[conversation_id] = conv
+        self.metrics.conversations_loaded = len(self._convs)
+        return conv
+
+    def _on_durable(self, events: Sequence[StoredEvent]) -> None:
+        convs = self._convs
+        for event in events:
+            conv = convs.get(event.conversation_id)
+            if conv is not None:
+                conv.publish(event)
