@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from collections.abc import Sequence
 from pathlib import Path
@@ -94,3 +95,35 @@ def test_store_spec() -> None:
         open_event_log("redis://x", retention=1)
     with pytest.raises(ValueError):
         open_event_log("sqlite:", retention=1)
+
+
+async def test_sqlite_batches_writes_in_one_worker_thread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    log = SqliteEventLog(str(tmp_path / "log.sqlite3"), retention=10_000)
+    batches: list[tuple[int, str]] = []
+    real = log._write_sync
+
+    def spy(batch: list[tuple[object, ...]]) -> None:
+        batches.append((len(batch), threading.current_thread().name))
+        real(batch)
+
+    monkeypatch.setattr(log, "_write_sync", spy)
+    delivered: list[int] = []
+    await log.open(lambda events: delivered.extend(e.id for e in events))
+    try:
+        log.create_conversation("c", 0.0)
+        for i in range(1, 1001):  # one loop step: one group commit
+            log.append(StoredEvent("c", i, "t", "{}"))
+        await log.flush()
+        assert delivered == list(range(1, 1001))
+        assert batches == [(1001, batches[0][1])]
+        assert batches[0][1].startswith("sidechain-sqlite")
+        for i in range(1001, 1011):  # ten steps while commits are in flight: still few transactions
+            log.append(StoredEvent("c", i, "t", "{}"))
+            await asyncio.sleep(0)
+        await log.flush()
+        assert delivered == list(range(1, 1011))
+        assert 2 <= len(batches) <= 11
+    finally:
+        await log.close()

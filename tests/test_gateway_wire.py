@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 from collections.abc import AsyncIterator
 from typing import Any
@@ -356,6 +355,22 @@ def test_token_required_off_loopback() -> None:
     assert resolve_token(GatewayConfig()) == (GatewayConfig(), False)
 
 
+def test_serve_prints_a_generated_token_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    import io
+
+    from sidechain.gateway import server
+
+    ran: list[str | None] = []
+    monkeypatch.setattr(server.GatewayServer, "run", lambda self: ran.append(self.gateway.config.token))
+    out = io.StringIO()
+    assert server.run(GatewayConfig(host="0.0.0.0", store="memory"), out=out) == 0  # never binds here
+    (token,) = ran
+    assert token and out.getvalue() == f"sidechain gateway token (generated, shown once): {token}\n"
+    out = io.StringIO()
+    assert server.run(GatewayConfig(host="0.0.0.0", store="memory", token="given"), out=out) == 0
+    assert ran[-1] == "given" and out.getvalue() == ""
+
+
 async def test_cors_off_unless_configured(session: aiohttp.ClientSession) -> None:
     headers = {"Origin": "http://example.test", "Access-Control-Request-Method": "POST"}
     async with running_gateway() as gw, session.options(f"{gw.url}/v1/conversations", headers=headers) as r:
@@ -418,4 +433,3 @@ async def test_requests_during_shutdown_get_503(session: aiohttp.ClientSession) 
         finally:
             gw.gateway.shutting_down = False
         await wait_until(lambda: gw.gateway.open_streams == 0)
-        await asyncio.sleep(0)

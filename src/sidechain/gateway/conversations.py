@@ -94,39 +94,45 @@ class Turn:
 class EventRing:
     """The newest published events of a conversation as SSE bytes, indexed by event id.
 
-    Ids are contiguous, so the block of id ``i`` lives at ``i % capacity``.
+    Ids are contiguous, so the block of id ``i`` sits ``newest - i`` places from the right end of a
+    bounded deque (which grows as needed: an idle conversation costs almost nothing). Reads near the
+    newest end, the common case for live readers, are O(1) per event.
     """
 
-    __slots__ = ("_blocks", "_cap", "_count", "newest")
+    __slots__ = ("_blocks", "newest")
 
     def __init__(self, capacity: int, newest: int = 0) -> None:
-        self._cap = capacity
-        self._blocks: list[bytes] = [b""] * capacity
-        self._count = 0
+        self._blocks: deque[bytes] = deque(maxlen=capacity)
         self.newest = newest
 
     @property
     def oldest(self) -> int:
         """The oldest id held (``newest + 1`` when empty)."""
-        return self.newest - self._count + 1
+        return self.newest - len(self._blocks) + 1
+
+    def reset(self, newest: int) -> None:
+        """Drop every block (nobody reads them); the next append must be ``newest + 1``."""
+        self._blocks.clear()
+        self.newest = newest
 
     def append(self, event_id: int, block: bytes) -> None:
         if event_id != self.newest + 1:
-            self._count = 0  # not contiguous (cannot happen with one writer): start over
-        self._blocks[event_id % self._cap] = block
+            self._blocks.clear()  # not contiguous (cannot happen with one writer): start over
+        self._blocks.append(block)
         self.newest = event_id
-        self._count = min(self._count + 1, self._cap)
 
     def since(self, after_id: int, limit: int) -> tuple[bytes, int] | None:
         """Blocks for ids ``after_id+1 ..`` (at most ``limit``) and the last id, or None if not held."""
-        if after_id >= self.newest:
+        newest = self.newest
+        if after_id >= newest:
             return b"", after_id
         if after_id + 1 < self.oldest:
             return None
-        end = min(self.newest, after_id + limit)
+        end = min(newest, after_id + limit)
         blocks = self._blocks
-        cap = self._cap
-        return b"".join([blocks[i % cap] for i in range(after_id + 1, end + 1)]), end
+        if end == after_id + 1:
+            return blocks[end - newest - 1], end
+        return b"".join([blocks[i - newest - 1] for i in range(after_id + 1, end + 1)]), end
 
 
 class Subscription:
@@ -134,9 +140,21 @@ class Subscription:
 
     ``cursor`` is the last id written to the socket. A subscription becomes ``live`` once it has caught
     up; a live one more than ``subscriber_queue`` events behind is ``dropped`` (slow consumer).
+    ``keepalive_due`` is set by the gateway's keepalive ticker when nothing was written for the
+    keepalive interval (one ticker for all streams: no timer per wait).
     """
 
-    __slots__ = ("_waiter", "closed", "cursor", "dropped", "live", "send_scope", "shutdown")
+    __slots__ = (
+        "_waiter",
+        "closed",
+        "cursor",
+        "dropped",
+        "keepalive_due",
+        "last_write",
+        "live",
+        "send_scope",
+        "shutdown",
+    )
 
     def __init__(self, cursor: int) -> None:
         self.cursor = cursor
@@ -144,6 +162,8 @@ class Subscription:
         self.dropped = False
         self.closed = False
         self.shutdown = False
+        self.keepalive_due = False
+        self.last_write = 0.0
         self.send_scope: asyncio.Timeout | None = None
         self._waiter: asyncio.Future[None] | None = None
 
@@ -152,15 +172,11 @@ class Subscription:
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
-    async def wait(self, seconds: float) -> bool:
-        """Wait for :meth:`wake` up to ``seconds``; True if woken. Cancellation propagates."""
+    async def wait(self) -> None:
+        """Wait for :meth:`wake` (new events, keepalive, disconnect, shutdown). Cancellation propagates."""
         waiter = self._waiter = asyncio.get_running_loop().create_future()
         try:
-            async with asyncio.timeout(seconds):
-                await waiter
-            return True
-        except TimeoutError:
-            return False
+            await waiter
         finally:
             self._waiter = None
 
@@ -413,12 +429,17 @@ class Conversation:
         self.gateway.log.append(event)
 
     def publish(self, event: StoredEvent) -> None:
-        """Called with each durable event, in id order: cache its bytes and wake subscribers."""
-        block = self.gateway.encoder.event(event.data, event=event.type, id=str(event.id))
-        self.ring.append(event.id, block)
+        """Called with each durable event, in id order: cache its bytes and wake subscribers.
+
+        The ring is kept only while someone subscribes: a conversation nobody follows holds no
+        encoded events (a later reader catches up from the log).
+        """
         self.last_event_id = event.id
         if not self.subscribers:
+            self.ring.reset(event.id)
             return
+        block = self.gateway.encoder.event(event.data, event=event.type, id=str(event.id))
+        self.ring.append(event.id, block)
         bound = self.gateway.config.subscriber_queue
         for sub in self.subscribers:
             if sub.live and not sub.dropped and event.id - sub.cursor > bound:
@@ -434,11 +455,16 @@ class Conversation:
     def subscribe(self, cursor: int) -> Subscription:
         """Register a reader positioned after ``cursor``; pair with :meth:`unsubscribe` in ``finally``."""
         sub = Subscription(cursor)
+        sub.last_write = asyncio.get_running_loop().time()
         self.subscribers.add(sub)
+        self.gateway.subscriptions.add(sub)
         return sub
 
     def unsubscribe(self, sub: Subscription) -> None:
         self.subscribers.discard(sub)
+        self.gateway.subscriptions.discard(sub)
+        if not self.subscribers:
+            self.ring.reset(self.last_event_id)
 
     async def read_stored(self, after_id: int, limit: int) -> Sequence[StoredEvent]:
         """Retained events after ``after_id`` from the log (for readers further behind than the ring)."""

@@ -153,8 +153,7 @@ def serve_main(args: argparse.Namespace) -> int:
     )
     try:
         config = config_from_args(args)
-        config, _ = resolve_token(config)
-        config.validate()
+        resolve_token(config)[0].validate()  # the token itself is generated (and printed) by run()
         from .models import parse_model_spec
 
         parse_model_spec(config.model)

@@ -13,7 +13,7 @@ from types import TracebackType
 from ..sse import Encoder
 from .btw import BtwRegistry
 from .config import GatewayConfig
-from .conversations import Conversation
+from .conversations import Conversation, Subscription
 from .errors import NotFound, ServiceUnavailable
 from .eventlog import ConversationRecord, EventLog, StoredEvent, open_event_log
 from .metrics import Metrics
@@ -53,6 +53,9 @@ class Gateway:
         self.metrics = Metrics()
         self.encoder = Encoder()
         self.btws = BtwRegistry(self)
+        #: Every open event-stream subscription (for the keepalive ticker and shutdown).
+        self.subscriptions: set[Subscription] = set()
+        self._keepalive: asyncio.Task[None] | None = None
         self._convs: dict[str, Conversation] = {}
         self._streams = 0
         self._no_streams = asyncio.Event()
@@ -82,6 +85,9 @@ class Gateway:
         self._started = True
         try:
             await self.btws.start()
+            self._keepalive = asyncio.get_running_loop().create_task(
+                self._keepalive_loop(), name="sidechain-keepalive"
+            )
             interrupted = await self.log.unfinished_turns()
             for conversation_id, turn in interrupted:
                 conv = await self._load(conversation_id)
@@ -133,6 +139,10 @@ class Gateway:
         try:
             await self.shutdown()
         finally:
+            keepalive, self._keepalive = self._keepalive, None
+            if keepalive is not None:
+                keepalive.cancel()
+                await asyncio.gather(keepalive, return_exceptions=True)
             try:
                 await self.btws.close()
             finally:
@@ -141,6 +151,21 @@ class Gateway:
                 finally:
                     if self._started:
                         await self.log.close()
+
+    async def _keepalive_loop(self) -> None:
+        """Flag and wake every subscription that wrote nothing for ``keepalive_interval`` seconds.
+
+        Ticks four times per interval, so a keepalive goes out between 1 and 1.25 intervals of silence.
+        """
+        loop = asyncio.get_running_loop()
+        interval = self.config.keepalive_interval
+        while True:
+            await asyncio.sleep(interval / 4)
+            now = loop.time()
+            for sub in self.subscriptions:
+                if not sub.keepalive_due and now - sub.last_write >= interval:
+                    sub.keepalive_due = True
+                    sub.wake()
 
     # -- streams (for graceful shutdown) -----------------------------------------------------------
 

@@ -161,6 +161,8 @@ class EventStreamResponse(_StreamResponse):
                     sub.send_scope = None
         except TimeoutError:
             raise _Aborted from None
+        sub.last_write = loop.time()
+        sub.keepalive_due = False
 
     async def _run(self, send: Send) -> None:
         gw = self.gateway
@@ -212,8 +214,10 @@ class EventStreamResponse(_StreamResponse):
                 await self._send_final(send, sub, "gateway.shutdown", {"reconnect": True})
                 return
             sub.live = True
-            if not await sub.wait(cfg.keepalive_interval):
+            if sub.keepalive_due:
                 await self._send(send, sub, _KEEPALIVE)
+                continue
+            await sub.wait()
 
     async def _send_final(self, send: Send, sub: Subscription, type: str, payload: dict[str, Any]) -> None:
         sub.dropped = True  # bound the final write by slow_consumer_grace

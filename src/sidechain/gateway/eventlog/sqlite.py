@@ -1,9 +1,9 @@
 """Durable event log on stdlib sqlite3, written from one worker thread in batches.
 
-Every write is enqueued on the event loop and returns at once; one writer task hands batches (all that
-accumulated while the previous batch was committing, up to ``max_batch`` operations) to a single
-dedicated thread, which commits them in one transaction (WAL, ``synchronous=NORMAL``: durable across
-a killed process). Only after the commit are the batch's events handed to the sink, so a client never
+Every write is enqueued on the event loop and returns at once; batches (all that accumulated while the
+previous batch was committing, up to ``max_batch`` operations) go to a single dedicated thread, which
+commits each in one transaction (WAL, ``synchronous=NORMAL``: durable across a killed process).
+Only after the commit are the batch's events handed to the sink, so a client never
 sees an event that a restart could forget, and ids continue after a restart without a gap or reuse.
 """
 
@@ -14,7 +14,7 @@ import logging
 import os
 import sqlite3
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, TypeVar
 
 from .base import ConversationRecord, EventSink, StoredEvent, TurnRecord, TurnState
@@ -57,8 +57,11 @@ _Op = tuple[Any, ...]
 class SqliteEventLog:
     """An :class:`~.base.EventLog` in a sqlite file.
 
-    Owns one thread (a single-worker executor) and one writer task; :meth:`close` flushes, stops the
-    task, closes the connection and joins the thread, on every path (also when cancelled).
+    Owns one thread (a single-worker executor). Commits are pumped without a task: the first write
+    of a loop step schedules a batch for the end of that step; while a batch commits in the thread,
+    new writes accumulate into the next one (group commit). The commit's completion comes back to
+    the loop with ``call_soon_threadsafe``, which hands the events to the sink and starts the next
+    batch. :meth:`close` commits everything, closes the connection and joins the thread.
     """
 
     durable = True
@@ -71,19 +74,19 @@ class SqliteEventLog:
         self._enqueued = 0
         self._committed = 0
         self._waiters: list[tuple[int, asyncio.Future[None]]] = []
-        self._wake = asyncio.Event()
-        self._closing = False
+        self._busy = False  # a batch is scheduled or committing
         self._closed = False
         self._sink: EventSink | None = None
         self._conn: sqlite3.Connection | None = None
         self._executor: ThreadPoolExecutor | None = None
-        self._writer: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------------
 
     async def open(self, sink: EventSink) -> None:
-        """Open (creating if needed) the database file and start the writer task."""
+        """Open (creating if needed) the database file. On failure the thread is already joined."""
         self._sink = sink
+        self._loop = asyncio.get_running_loop()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sidechain-sqlite")
         try:
             await self._run(self._open_sync)
@@ -91,35 +94,28 @@ class SqliteEventLog:
             self._executor.shutdown(wait=True)
             self._executor = None
             raise
-        self._writer = asyncio.get_running_loop().create_task(
-            self._write_loop(), name="sidechain-sqlite-writer"
-        )
 
     async def close(self) -> None:
-        """Commit everything enqueued, stop the writer, close the file and join the thread.
+        """Commit everything enqueued (delivering its events), close the file and join the thread.
 
-        Idempotent. If cancelled, the writer is cancelled too (the in-flight batch may still commit)
-        and the connection and thread are released before ``CancelledError`` propagates.
+        Idempotent; writes after close are ignored with a warning. If cancelled while waiting for the
+        last commit, the connection is still closed and the thread joined (in the worker) before
+        ``CancelledError`` propagates.
         """
         if self._closed:
             return
-        self._closed = True
-        self._closing = True
-        self._wake.set()
-        writer, self._writer = self._writer, None
         try:
-            if writer is not None:
-                await writer
+            await self.flush()
         finally:
-            if writer is not None and not writer.done():
-                writer.cancel()
-                await asyncio.gather(writer, return_exceptions=True)
+            self._closed = True
             executor, self._executor = self._executor, None
             if executor is not None:
                 conn, self._conn = self._conn, None
                 if conn is not None:
                     executor.submit(conn.close)
-                await asyncio.get_running_loop().run_in_executor(None, executor.shutdown, True)
+                await asyncio.shield(
+                    asyncio.get_running_loop().run_in_executor(None, executor.shutdown, True)
+                )
             for _, fut in self._waiters:
                 if not fut.done():
                     fut.set_result(None)
@@ -129,12 +125,15 @@ class SqliteEventLog:
     # -- writes (enqueue only) ---------------------------------------------------------------------
 
     def _enqueue(self, op: _Op) -> None:
-        if self._closed and self._writer is None:
-            log.warning("write after close ignored: %s", op[0])
+        if self._closed or self._executor is None:
+            log.warning("write to a closed event log ignored: %s", op[0])
             return
         self._pending.append(op)
         self._enqueued += 1
-        self._wake.set()
+        if not self._busy:
+            self._busy = True
+            assert self._loop is not None
+            self._loop.call_soon(self._start_batch)
 
     def create_conversation(self, conversation_id: str, created_at: float) -> None:
         self._enqueue(("conv", conversation_id, created_at))
@@ -148,7 +147,7 @@ class SqliteEventLog:
     async def flush(self) -> None:
         """Wait until every write enqueued before this call is committed and its events delivered."""
         target = self._enqueued
-        if self._committed >= target or self._writer is None:
+        if self._committed >= target:
             return
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiters.append((target, fut))
@@ -174,38 +173,47 @@ class SqliteEventLog:
             raise RuntimeError("the sqlite event log is not open")
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
-    async def _write_loop(self) -> None:
-        while True:
-            if not self._pending:
-                if self._closing:
-                    return
-                self._wake.clear()
-                await self._wake.wait()
-                continue
-            batch = self._pending[: self._max_batch]
-            del self._pending[: len(batch)]
+    def _start_batch(self) -> None:
+        executor, loop = self._executor, self._loop
+        if not self._pending or executor is None or loop is None:
+            self._busy = False
+            return
+        batch = self._pending[: self._max_batch]
+        del self._pending[: len(batch)]
+
+        def done(f: Future[None]) -> None:  # in the worker thread
             try:
-                await self._run(self._write_sync, batch)
+                loop.call_soon_threadsafe(self._on_committed, batch, f)
+            except RuntimeError:  # the loop is closed: nobody is left to tell
+                pass
+
+        executor.submit(self._write_sync, batch).add_done_callback(done)
+
+    def _on_committed(self, batch: list[_Op], f: Future[None]) -> None:
+        exc = f.exception()
+        if exc is not None:
+            log.error(
+                "sqlite write of %d operations failed; their events are delivered anyway",
+                len(batch),
+                exc_info=exc,
+            )
+        self._committed += len(batch)
+        events = [op[1] for op in batch if op[0] == "event"]
+        if events and self._sink is not None:
+            try:
+                self._sink(events)
             except Exception:
-                log.exception(
-                    "sqlite write of %d operations failed; their events are delivered anyway", len(batch)
-                )
-            self._committed += len(batch)
-            events = [op[1] for op in batch if op[0] == "event"]
-            if events and self._sink is not None:
-                try:
-                    self._sink(events)
-                except Exception:
-                    log.exception("event sink failed")
-            if self._waiters:
-                still: list[tuple[int, asyncio.Future[None]]] = []
-                for target, fut in self._waiters:
-                    if target <= self._committed:
-                        if not fut.done():
-                            fut.set_result(None)
-                    else:
-                        still.append((target, fut))
-                self._waiters = still
+                log.exception("event sink failed")
+        if self._waiters:
+            still: list[tuple[int, asyncio.Future[None]]] = []
+            for target, fut in self._waiters:
+                if target <= self._committed:
+                    if not fut.done():
+                        fut.set_result(None)
+                else:
+                    still.append((target, fut))
+            self._waiters = still
+        self._start_batch()  # the next group, if any accumulated meanwhile
 
     def _open_sync(self) -> None:
         directory = os.path.dirname(os.path.abspath(self.path))
