@@ -58,6 +58,8 @@ async def upstream() -> AsyncIterator[Upstream]:
             return web.json_response(
                 {"error": {"message": "slow down"}}, status=429, headers={"Retry-After": "7"}
             )
+        if state.mode == "503_once" and len(state.requests) == 1:
+            return web.Response(status=503, text="warming up", headers={"Retry-After": "0.05"})
         if state.mode == "500":
             return web.Response(status=500, text="upstream exploded")
         if state.mode == "json":
@@ -169,6 +171,19 @@ async def test_upstream_failures_become_turn_failed(
         assert gw.gateway.metrics.upstream_errors_total == 1
         if mode in ("drop", "error"):
             assert [data(e)["delta"] for e in events if e.event == "message.delta"] == upstream.deltas[:2]
+
+
+async def test_upstream_failure_before_first_delta_is_retried_through_sidechain_client(
+    upstream: Upstream, session: aiohttp.ClientSession
+) -> None:
+    upstream.mode = "503_once"
+    async with running_gateway(model=f"openai:{upstream.url}:m") as gw:
+        events = await run_turn(gw, session)
+        assert events[-1].event == "turn.completed"
+        assert [data(e)["delta"] for e in events if e.event == "message.delta"] == upstream.deltas
+        assert len(upstream.requests) == 2
+        assert upstream.headers[0]["Idempotency-Key"] == upstream.headers[1]["Idempotency-Key"]
+        assert gw.gateway.metrics.upstream_errors_total == 0
 
 
 async def test_upstream_unreachable_and_idle_timeout(

@@ -75,8 +75,13 @@ class GatewayConfig:
     shutdown_grace: float = 5.0
     #: Upstream (openai) connect timeout, seconds.
     upstream_connect_timeout: float = 10.0
-    #: Upstream (openai) time allowed between two received chunks, seconds.
+    #: Upstream (openai) time allowed between two received events, seconds.
     upstream_idle_timeout: float = 60.0
+    #: Upstream requests sent per generation: failures before the first delta (connect errors,
+    #: timeouts, 408/429/5xx) are retried with backoff and ``Retry-After``, up to this many requests.
+    upstream_max_attempts: int = 3
+    #: A ``Retry-After`` longer than this (seconds) fails the generation at once instead of waiting.
+    upstream_retry_after_cap: float = 5.0
     #: Log one line per request to the ``sidechain.gateway.access`` logger.
     access_log: bool = True
 

@@ -50,4 +50,6 @@ def build_model(config: GatewayConfig) -> ModelBackend:
         model,
         connect_timeout=config.upstream_connect_timeout,
         idle_timeout=config.upstream_idle_timeout,
+        max_attempts=config.upstream_max_attempts,
+        retry_after_cap=config.upstream_retry_after_cap,
     )

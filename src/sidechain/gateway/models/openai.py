@@ -16,11 +16,20 @@ from collections.abc import AsyncGenerator, Mapping
 from contextlib import aclosing
 from typing import Any
 
-import aiohttp
 import msgspec
 
-from ...errors import ProtocolError
-from ...sse import Decoder, Event
+from ...client import GatewayHTTPClient, RetryPolicy, parse_retry_after
+from ...errors import (
+    ConnectError,
+    DeadlineExceeded,
+    HTTPStatusError,
+    ProtocolError,
+    ReadError,
+    RetryExhausted,
+    SidechainError,
+    StreamInterrupted,
+)
+from ...sse import Event
 from .base import ModelError, ModelRequest
 
 __all__ = ["API_KEY_ENV", "OpenAIModel", "chat_completions_url", "post_sse", "split_base_url_and_model"]
@@ -46,66 +55,65 @@ def chat_completions_url(base_url: str) -> str:
     return base + ("/chat/completions" if base.endswith("/v1") else "/v1/chat/completions")
 
 
-def _retry_after(headers: Mapping[str, str]) -> float | None:
-    value = headers.get("Retry-After", "").strip()
-    try:
-        return max(0.0, float(value)) if value else None
-    except ValueError:
-        return None
+def _model_error(exc: SidechainError) -> ModelError:
+    """The :class:`ModelError` a client sees for a failure of sidechain's own client."""
+    if isinstance(exc, RetryExhausted):
+        inner = exc.last_error
+        if isinstance(inner, SidechainError):
+            err = _model_error(inner)
+        else:
+            err = ModelError("upstream_error", str(exc))
+        if exc.retry_after is not None:
+            err.retry_after = exc.retry_after
+            err.message = err.message + f" (asked to retry after {exc.retry_after:g}s)"
+        elif exc.attempts > 1:
+            err.message = err.message + f" (after {exc.attempts} attempts)"
+        return err
+    if isinstance(exc, HTTPStatusError):
+        excerpt = exc.body[:_BODY_EXCERPT]
+        kind = "upstream_rate_limited" if exc.status == 429 else "upstream_http_error"
+        return ModelError(kind, f"upstream answered HTTP {exc.status}" + (f": {excerpt}" if excerpt else ""),
+                          retry_after=parse_retry_after(exc.headers))
+    if isinstance(exc, StreamInterrupted):
+        cause = exc.cause
+        if isinstance(cause, DeadlineExceeded):
+            return ModelError("upstream_timeout", f"upstream went silent mid-stream: {cause}")
+        return ModelError("upstream_disconnected",
+                          f"upstream connection broke after {len(exc.delivered)} event(s): {cause}")
+    if isinstance(exc, DeadlineExceeded):
+        return ModelError("upstream_timeout", f"upstream timed out: {exc}")
+    if isinstance(exc, ConnectError):
+        return ModelError("upstream_unreachable", f"cannot connect to upstream: {exc}")
+    if isinstance(exc, ReadError):
+        return ModelError("upstream_disconnected", f"upstream connection broke: {exc}")
+    if isinstance(exc, ProtocolError):
+        return ModelError("upstream_protocol_error", f"upstream sent no valid SSE: {exc}")
+    return ModelError("upstream_error", f"upstream request failed: {type(exc).__name__}: {exc}")
 
 
 async def post_sse(
     url: str,
-    body: bytes,
+    payload: Any,
     headers: Mapping[str, str],
     *,
     connect_timeout: float,
     idle_timeout: float,
+    retry: RetryPolicy,
 ) -> AsyncGenerator[Event, None]:
-    """POST ``body`` and yield the SSE events of the response.
+    """POST ``payload`` (JSON) and yield the SSE events of the response.
 
-    One dedicated ``aiohttp.ClientSession`` per call, closed on every path: completion, error, and the
-    caller closing the generator early or being cancelled. Raises :class:`ModelError` for non-2xx
-    answers and transport failures. Kept small so it can move onto ``GatewayHTTPClient`` later.
+    Sent through sidechain's own :class:`GatewayHTTPClient`: a dedicated session per call, closed on
+    every path (completion, error, the caller closing the generator early or being cancelled);
+    failures before the first event retried as ``retry`` says. Raises :class:`ModelError`.
     """
-    timeout = aiohttp.ClientTimeout(total=None, connect=connect_timeout, sock_read=idle_timeout)
+    client = GatewayHTTPClient(url, connect_timeout=connect_timeout, idle_timeout=idle_timeout,
+                               retry=retry, headers=headers)
     try:
-        async with (
-            aiohttp.ClientSession(timeout=timeout) as session,
-            session.post(url, data=body, headers=dict(headers)) as resp,
-        ):
-            if resp.status != 200:
-                excerpt = (await resp.content.read(_BODY_EXCERPT)).decode("utf-8", "replace")
-                kind = "upstream_rate_limited" if resp.status == 429 else "upstream_http_error"
-                raise ModelError(
-                    kind,
-                    f"upstream answered HTTP {resp.status}" + (f": {excerpt}" if excerpt else ""),
-                    retry_after=_retry_after(resp.headers),
-                )
-            ctype = resp.headers.get("Content-Type", "")
-            if not ctype.startswith("text/event-stream"):
-                raise ModelError(
-                    "upstream_protocol_error", f"upstream answered {ctype or 'no content type'}, not SSE"
-                )
-            decoder = Decoder()
-            async for chunk in resp.content.iter_any():
-                for item in decoder.feed(chunk):
-                    if isinstance(item, Event):
-                        yield item
-    except ModelError:
-        raise
-    except TimeoutError as exc:
-        raise ModelError("upstream_timeout", f"upstream timed out: {type(exc).__name__}") from exc
-    except aiohttp.ClientConnectorError as exc:
-        raise ModelError("upstream_unreachable", f"cannot connect to upstream: {exc}") from exc
-    except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
-        raise ModelError(
-            "upstream_disconnected", f"upstream connection broke: {type(exc).__name__}: {exc}"
-        ) from exc
-    except aiohttp.ClientError as exc:
-        raise ModelError("upstream_error", f"upstream request failed: {type(exc).__name__}: {exc}") from exc
-    except ProtocolError as exc:
-        raise ModelError("upstream_protocol_error", f"upstream sent malformed SSE: {exc}") from exc
+        async with client.stream_post_with_retry(url, payload) as events:
+            async for event in events:
+                yield event
+    except SidechainError as exc:
+        raise _model_error(exc) from exc
 
 
 class _Delta(msgspec.Struct):
@@ -137,29 +145,32 @@ class OpenAIModel:
         api_key: str | None = None,
         connect_timeout: float = 10.0,
         idle_timeout: float = 60.0,
+        max_attempts: int = 3,
+        retry_after_cap: float = 5.0,
     ) -> None:
         self.url = chat_completions_url(base_url)
         self.model = model
         self._api_key = api_key if api_key is not None else os.environ.get(API_KEY_ENV)
         self.connect_timeout = connect_timeout
         self.idle_timeout = idle_timeout
+        self.retry = RetryPolicy(max_attempts=max_attempts, base_delay=0.25, max_delay=2.0,
+                                 retry_after_cap=retry_after_cap, resume=False)
 
     async def stream(self, request: ModelRequest) -> AsyncGenerator[str, None]:
         """Yield content deltas; ``ModelError`` on any failure, including a missing ``[DONE]``."""
-        body = msgspec.json.encode(
-            {
-                "model": self.model,
-                "stream": True,
-                "messages": [{"role": m.role, "content": m.content} for m in request.messages],
-            }
-        )
-        headers = {"Content-Type": "application/json", "Accept": "text/event-stream"}
+        body = {
+            "model": self.model,
+            "stream": True,
+            "messages": [{"role": m.role, "content": m.content} for m in request.messages],
+        }
+        headers: dict[str, str] = {}
         if self._api_key:
             headers["Authorization"] = f"Bearer {self._api_key}"
         done = False
         async with aclosing(
             post_sse(
-                self.url, body, headers, connect_timeout=self.connect_timeout, idle_timeout=self.idle_timeout
+                self.url, body, headers, connect_timeout=self.connect_timeout, idle_timeout=self.idle_timeout,
+                retry=self.retry,
             )
         ) as events:
             async for event in events:
