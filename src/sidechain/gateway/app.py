@@ -23,6 +23,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from .. import __version__
 from .config import GatewayConfig
 from .errors import BadRequest, GatewayError, NotFound, PayloadTooLarge, ServiceUnavailable
 from .service import Gateway
@@ -215,7 +216,10 @@ async def healthz(request: Request) -> Response:
     gw = _gateway(request)
     if gw.shutting_down:
         return JSONResponse({"status": "shutting_down"}, status_code=503)
-    return JSONResponse({"status": "ok"})
+    # the model spec without the upstream URL (no credentials or hosts leak from an open endpoint)
+    spec = gw.config.model
+    model = spec if spec == "echo" else "openai:" + spec.rsplit(":", 1)[-1]
+    return JSONResponse({"status": "ok", "model": model, "version": __version__})
 
 
 async def metrics(request: Request) -> Response:
