@@ -1,0 +1,83 @@
+"""The command line against a real gateway: chat (line mode, --json), btw, events, decode."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+
+from sidechain import Conversation
+from sidechain.gateway.testing import running_gateway
+
+
+async def run_cli(*args: str, stdin: bytes = b"", env: dict[str, str] | None = None,
+                  seconds: float = 30) -> tuple[int, str, str]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "sidechain", *args,
+        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, **(env or {})},
+    )
+    try:
+        async with asyncio.timeout(seconds):
+            out, err = await proc.communicate(stdin)
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        raise
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+async def test_chat_line_mode_json_streams_turn_and_btw() -> None:
+    async with running_gateway(echo_pace=80) as gw:
+        code, out, err = await run_cli(
+            "chat", "--line", "--json", "--url", gw.url,
+            stdin=b"tell me something long enough to ask a side question\n/btw what did I ask?\n",
+        )
+        assert code == 0, err
+        records = [json.loads(line) for line in out.splitlines()]
+        kinds = [(r["stream"], r["event"]) for r in records]
+        assert kinds[0] == ("main", "conversation")
+        assert ("main", "turn.completed") in kinds
+        assert ("btw", "btw.completed") in kinds
+        btw_done = next(r for r in records if r["event"] == "btw.completed")
+        assert "tell me something long" in btw_done["data"]["text"]
+        # the btw streamed while the main turn was still streaming
+        first_btw = kinds.index(("btw", "btw.delta"))
+        assert kinds.index(("main", "turn.completed")) > first_btw
+        conv_id = records[0]["data"]["id"]
+        history = await Conversation.attach(gw.url, conv_id).history()
+        assert [m["role"] for m in history["messages"]] == ["user", "assistant"]
+
+
+async def test_btw_and_events_commands_with_env_url() -> None:
+    async with running_gateway(echo_pace=0) as gw:
+        conv = await Conversation.create(gw.url)
+        await conv.ask("first message")
+        env = {"SIDECHAIN_URL": gw.url}
+        code, out, err = await run_cli("btw", "--conversation", conv.id, "--json", "what", "was", "said?",
+                                       env=env)
+        assert code == 0, err
+        last = json.loads(out.splitlines()[-1])
+        assert last["event"] == "btw.completed" and "first message" in last["text"]
+        code, out, err = await run_cli("events", "--conversation", conv.id, "--json", "--count", "3",
+                                       "--last-event-id", "1", env=env)
+        assert code == 0, err
+        ids = [json.loads(line)["id"] for line in out.splitlines()]
+        assert ids == ["2", "3", "4"]
+
+
+async def test_unknown_conversation_is_a_clear_error() -> None:
+    async with running_gateway() as gw:
+        code, _, err = await run_cli("btw", "--conversation", "nope", "--url", gw.url, "hello")
+        assert code == 1
+        assert "HTTP 404" in err
+
+
+async def test_decode_command() -> None:
+    stream = b"\xef\xbb\xbfid: 7\nevent: x\ndata: a\ndata: b\n\nretry: 5\n\n"
+    code, out, _ = await run_cli("decode", stdin=stream)
+    assert code == 0
+    lines = [json.loads(line) for line in out.splitlines()]
+    assert lines == [{"event": "x", "id": "7", "data": "a\nb"}, {"retry": 5}]
