@@ -19,15 +19,15 @@ import msgspec
 
 from ..errors import (
     HTTPStatusError,
-    IdleTimeout,
     ProtocolError,
     SidechainError,
 )
 from ..sse import Comment, Decoder, Event
+from .deadlines import Watchdog
 from .http import read_error_body
 from .observe import Observer, StreamObservation
 from .retry import RetryPolicy
-from .safe_stream import SafeByteStream, StreamState
+from .safe_stream import SafeByteStream
 from .sessions import Session
 
 __all__ = ["EventStreamClient", "Fault", "StreamEnded", "StreamStatus"]
@@ -117,8 +117,7 @@ class EventStreamClient:
         self._stream: SafeByteStream | None = None
         self._closed = False
         self._final_error: BaseException | None = None
-        self._timer: asyncio.TimerHandle | None = None
-        self._last_event_at = 0.0
+        self._watchdog: Watchdog | None = None
         #: ``idle`` before opening, then ``connecting``, ``open``, ``reconnecting`` and ``closed``.
         self.status: StreamStatus = "idle"
         #: Consecutive failed connection attempts (0 while healthy).
@@ -236,7 +235,8 @@ class EventStreamClient:
                     error = exc
                     opened_at = self._opened_at
                 finally:
-                    self._cancel_timer()
+                    if self._watchdog is not None:
+                        self._watchdog.stop()
                     if self._stream is not None:
                         self._stream.close_nowait()
                         self._stream = None
@@ -303,10 +303,12 @@ class EventStreamClient:
         stream = self._stream = SafeByteStream(response, session=session, read_timeout=self.read_timeout)
         if self._closed:
             return True
-        self._opened_at = self._last_event_at = loop.time()
+        self._opened_at = loop.time()
         self._set_status("open")
         self._emit("first_byte", status=response.status)
-        self._arm_timer()
+        watchdog = self._watchdog = Watchdog(loop, idle=self.idle_timeout, deadline=None,
+                                             on_stall=lambda name: self._emit("stall", deadline=name))
+        watchdog.watch(stream)
         decoder = self._decoder
         while True:
             chunk = await stream.read()
@@ -315,7 +317,7 @@ class EventStreamClient:
             items: list[Any] = decoder.feed(chunk)
             if items:
                 if any(isinstance(i, Event) for i in items):
-                    self._last_event_at = loop.time()
+                    watchdog.event()
                 await self._put(items)
 
     def _reconnect_delay(self, error: BaseException) -> float:
@@ -331,30 +333,6 @@ class EventStreamClient:
             return base  # the server's retry value, exactly
         ceiling = min(self.max_reconnect_delay, max(base, 0.001) * 2 ** (self.failures - 1))
         return random.uniform(ceiling / 2, ceiling)
-
-    # -- idle deadline -----------------------------------------------------------------------------
-
-    def _arm_timer(self) -> None:
-        if self.idle_timeout is not None:
-            self._timer = asyncio.get_running_loop().call_at(self._last_event_at + self.idle_timeout,
-                                                             self._on_timer)
-
-    def _cancel_timer(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-
-    def _on_timer(self) -> None:
-        self._timer = None
-        stream = self._stream
-        if stream is None or stream.state is not StreamState.OPEN or self.idle_timeout is None:
-            return
-        if asyncio.get_running_loop().time() >= self._last_event_at + self.idle_timeout:
-            self._emit("stall", deadline="idle_timeout")
-            idle = self.idle_timeout
-            stream.fail(IdleTimeout(f"no event for idle_timeout={idle}s", timeout=idle))
-        else:
-            self._arm_timer()
 
     def _set_status(self, status: StreamStatus) -> None:
         if self._closed and status != "closed":

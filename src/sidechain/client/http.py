@@ -19,13 +19,13 @@ import msgspec
 
 from ..errors import (
     HTTPStatusError,
-    IdleTimeout,
     ProtocolError,
     SidechainError,
     StreamTruncated,
     TotalTimeout,
 )
 from ..sse import DEFAULT_MAX_EVENT_BYTES, DEFAULT_MAX_LINE_BYTES, Decoder, Event
+from .deadlines import Watchdog
 from .observe import Observer, StreamObservation
 from .retry import DEFAULT_RETRY_STATUSES, RetryPolicy
 from .safe_stream import SafeByteStream, StreamState
@@ -103,8 +103,8 @@ class EventStream:
         self._loop = loop
         self._started = loop.time()
         self._deadline = None if client.total_timeout is None else self._started + client.total_timeout
-        self._last_event_at = self._started
-        self._timer: asyncio.TimerHandle | None = None
+        self._watchdog = Watchdog(loop, idle=client.idle_timeout, deadline=self._deadline,
+                                  total=client.total_timeout, on_stall=self._on_stall)
         self._first_event_seen = False
         self._deferred_error: SidechainError | None = None
         self.status = 0
@@ -141,7 +141,7 @@ class EventStream:
     async def aclose(self) -> None:
         """Release this stream's connection and timers. Idempotent; safe from any task."""
         self._done = True
-        self._cancel_timer()
+        self._watchdog.stop()
         if self._bytes is not None:
             self._bytes.close_nowait()
             self._emit("close", state=self._bytes.state.value)
@@ -203,15 +203,14 @@ class EventStream:
             raise
         self._bytes = SafeByteStream(response, session=self._session, read_timeout=self._client.read_timeout)
         self._emit("first_byte", attempt=self._attempt, status=response.status)
-        self._last_event_at = self._loop.time()
-        self._arm_timer()
+        self._watchdog.watch(self._bytes)
 
     async def _after_failure(self, exc: SidechainError) -> None:
         """Ask the policy; sleep and return to retry, or raise what it says."""
         if self._bytes is not None:
             self._bytes.close_nowait()
             self._bytes = None
-        self._cancel_timer()
+        self._watchdog.stop()
         self._decoder.close()
         self._pending = []
         self._pos = 0
@@ -256,7 +255,7 @@ class EventStream:
                     items: list[Any] = self._decoder.feed(chunk)
                     if not items:
                         continue
-                    self._last_event_at = self._loop.time()
+                    self._watchdog.event()
                     self._delivered += len(items)
                     if not self._first_event_seen:
                         self._first_event_seen = True
@@ -281,7 +280,7 @@ class EventStream:
                         last_event_id=self._decoder.last_event_id,
                     )
                 self._done = True
-                self._cancel_timer()
+                self._watchdog.stop()
                 stream.close_nowait()
                 self._emit("close", state="ended")
                 raise StopAsyncIteration
@@ -302,44 +301,8 @@ class EventStream:
                     raise
                 await self._after_failure(exc)
 
-    # -- deadlines ---------------------------------------------------------------------------------
-
-    def _arm_timer(self) -> None:
-        when = self._next_deadline()
-        if when is not None:
-            self._timer = self._loop.call_at(when, self._on_timer)
-
-    def _next_deadline(self) -> float | None:
-        idle = self._client.idle_timeout
-        candidates = []
-        if idle is not None:
-            candidates.append(self._last_event_at + idle)
-        if self._deadline is not None:
-            candidates.append(self._deadline)
-        return min(candidates) if candidates else None
-
-    def _cancel_timer(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-
-    def _on_timer(self) -> None:
-        self._timer = None
-        stream = self._bytes
-        if stream is None or stream.state is not StreamState.OPEN:
-            return
-        now = self._loop.time()
-        if self._deadline is not None and now >= self._deadline:
-            self._emit("stall", deadline="total_timeout")
-            stream.fail(TotalTimeout(f"call exceeded total_timeout={self._client.total_timeout}s",
-                                     timeout=self._client.total_timeout))
-            return
-        idle = self._client.idle_timeout
-        if idle is not None and now >= self._last_event_at + idle:
-            self._emit("stall", deadline="idle_timeout")
-            stream.fail(IdleTimeout(f"no event for idle_timeout={idle}s", timeout=idle))
-            return
-        self._arm_timer()  # an event arrived meanwhile: re-arm lazily, no timer churn per event
+    def _on_stall(self, deadline: str) -> None:
+        self._emit("stall", deadline=deadline)
 
     def _emit(self, kind: str, **info: Any) -> None:
         observer = self._client.observer

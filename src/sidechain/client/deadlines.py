@@ -1,0 +1,79 @@
+"""Watchdog: the idle and total deadlines of one stream, on one lazily re-armed timer.
+
+Marking an event is one attribute store (no timer churn per event); the timer, when it fires, checks
+what really passed and either fails the stream with the named error or re-arms itself for the next
+possible deadline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+from ..errors import IdleTimeout, TotalTimeout
+from .safe_stream import SafeByteStream, StreamState
+
+__all__ = ["Watchdog"]
+
+
+class Watchdog:
+    """Fails ``stream`` with :class:`IdleTimeout` when no event came for ``idle`` seconds, or with
+    :class:`TotalTimeout` at the loop time ``deadline``. ``on_stall(name)`` is told which one fired."""
+
+    __slots__ = ("_loop", "_on_stall", "_stream", "_timer", "deadline", "idle", "last_event_at", "total")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, *, idle: float | None, deadline: float | None,
+                 total: float | None = None, on_stall: Callable[[str], None] | None = None) -> None:
+        self._loop = loop
+        self.idle = idle
+        self.deadline = deadline
+        self.total = total
+        self._on_stall = on_stall
+        self._stream: SafeByteStream | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self.last_event_at = loop.time()
+
+    def watch(self, stream: SafeByteStream) -> None:
+        """Start watching a newly opened stream; the idle clock starts now."""
+        self.stop()
+        self._stream = stream
+        self.last_event_at = self._loop.time()
+        self._arm()
+
+    def event(self) -> None:
+        """An event arrived (comments do not count): the idle clock restarts."""
+        self.last_event_at = self._loop.time()
+
+    def stop(self) -> None:
+        """Stop watching (the stream ended or is being replaced). Idempotent."""
+        self._stream = None
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _arm(self) -> None:
+        when = self.deadline
+        if self.idle is not None:
+            idle_at = self.last_event_at + self.idle
+            when = idle_at if when is None else min(when, idle_at)
+        if when is not None:
+            self._timer = self._loop.call_at(when, self._fire)
+
+    def _fire(self) -> None:
+        self._timer = None
+        stream = self._stream
+        if stream is None or stream.state is not StreamState.OPEN:
+            return
+        now = self._loop.time()
+        if self.deadline is not None and now >= self.deadline:
+            self._stall("total_timeout")
+            stream.fail(TotalTimeout(f"call exceeded total_timeout={self.total}s", timeout=self.total))
+        elif self.idle is not None and now >= self.last_event_at + self.idle:
+            self._stall("idle_timeout")
+            stream.fail(IdleTimeout(f"no event for idle_timeout={self.idle}s", timeout=self.idle))
+        else:
+            self._arm()  # an event arrived meanwhile: re-arm for the next possible deadline
+
+    def _stall(self, name: str) -> None:
+        if self._on_stall is not None:
+            self._on_stall(name)
