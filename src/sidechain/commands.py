@@ -63,6 +63,10 @@ def add_client_commands(sub: Any) -> None:
     demo.add_argument("--json", action="store_true")
     demo.set_defaults(func=cmd_demo)
 
+    from .soak.cli import add_soak_command
+
+    add_soak_command(sub)
+
 
 def _run(coro: Any) -> int:
     try:

@@ -1,0 +1,327 @@
+"""What the soak measures: file descriptors, tasks, RSS, warnings, hangs and release latencies.
+
+Every probe reads this process only (the gateway runs in a child process), so the counts are the
+client's own. None of them starts a task.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import gc
+import io
+import logging
+import math
+import os
+import re
+import resource
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = [
+    "GcPauses",
+    "Snapshot",
+    "WarningRecord",
+    "WarningSink",
+    "await_or_hang",
+    "fd_count",
+    "peak_rss_mb",
+    "percentile",
+    "reset_peak_rss",
+    "rss_mb",
+    "settle",
+]
+
+
+def fd_count() -> int:
+    """Open file descriptors of this process."""
+    try:
+        return len(os.listdir("/proc/self/fd"))
+    except OSError:  # pragma: no cover - not Linux
+        return -1
+
+
+def task_count() -> int:
+    """Tasks not yet finished on the running loop."""
+    return len(asyncio.all_tasks())
+
+
+def _status_kb(field_name: str) -> float | None:
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith(field_name + ":"):
+                    return float(line.split()[1])
+    except OSError:  # pragma: no cover - not Linux
+        return None
+    return None
+
+
+def rss_mb(pid: int | None = None) -> float:
+    """Resident set size now, in MB (of ``pid``, default this process)."""
+    path = f"/proc/{pid}/status" if pid else "/proc/self/status"
+    try:
+        with open(path, encoding="ascii") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return float(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 if pid is None else 0.0
+
+
+_peak_resettable = True
+
+
+def reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS mark (``VmHWM``) of this process; False where not supported."""
+    global _peak_resettable
+    if not _peak_resettable:
+        return False
+    try:
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
+            f.write("5")
+        return True
+    except OSError:
+        _peak_resettable = False
+        return False
+
+
+def peak_rss_mb() -> float:
+    """Peak RSS in MB since the last :func:`reset_peak_rss` (since start where it cannot be reset)."""
+    hwm = _status_kb("VmHWM") if _peak_resettable else None
+    if hwm is not None:
+        return hwm / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """Open fds and unfinished tasks at one moment."""
+
+    fds: int
+    tasks: int
+
+    @classmethod
+    def now(cls) -> Snapshot:
+        return cls(fd_count(), task_count())
+
+
+async def settle(before: Snapshot, *, within: float = 3.0) -> Snapshot:
+    """Collect garbage and wait, bounded by ``within`` seconds, until fds and tasks are back to
+    ``before``; returns the last snapshot. A socket closes on the loop iteration after its
+    ``transport.close()``, and a finalizer schedules its close with ``call_soon``: a few iterations
+    are allowed, nothing more."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within
+    last_gc = 0.0
+    while True:
+        now_t = loop.time()
+        if now_t - last_gc > 0.1:
+            gc.collect()
+            last_gc = now_t
+        snap = Snapshot.now()
+        if (snap.fds <= before.fds and snap.tasks <= before.tasks) or now_t > deadline:
+            return snap
+        await asyncio.sleep(0.01)
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    """The ``q`` quantile (0..1) by the nearest-rank method; None for no values."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    rank = max(1, min(len(ordered), math.ceil(q * len(ordered) - 1e-9)))
+    return ordered[rank - 1]
+
+
+# -- warnings --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class WarningRecord:
+    """One warning-like event: a ``warnings`` warning, an asyncio error log line or an unraisable."""
+
+    source: str  # "warning" | "asyncio" | "unraisable"
+    category: str
+    message: str
+
+    def short(self) -> str:
+        text = " ".join(self.message.split())
+        return f"{self.category}: {text[:160]}"
+
+
+_SIDECHAIN_FINALIZER = re.compile(r"sidechain .* garbage collected without")
+
+
+class WarningSink:
+    """Catches, for as long as it is entered, every warning the process emits:
+
+    * ``warnings`` warnings, recorded whatever the filters say (so ``-W error`` turns none of them into
+      an exception inside the soak);
+    * ``asyncio`` log records at ERROR and above ("Task exception was never retrieved", "Unclosed
+      client session", "Task was destroyed but it is pending!");
+    * exceptions ignored in finalizers and ``__del__`` (``sys.unraisablehook``).
+
+    ``mark()`` / ``since(mark)`` give the records of one scenario. Not reentrant.
+    """
+
+    def __init__(self) -> None:
+        self.records: list[WarningRecord] = []
+        self._catch: warnings.catch_warnings[list[warnings.WarningMessage]] | None = None
+        self._caught: list[warnings.WarningMessage] = []
+        self._handler: logging.Handler | None = None
+        self._old_hook: Callable[[Any], Any] | None = None
+        self._slow_callbacks = 0
+
+    def __enter__(self) -> WarningSink:
+        self._catch = warnings.catch_warnings(record=True)
+        self._caught = self._catch.__enter__()
+        warnings.simplefilter("always")
+        sink = self
+
+        class _AsyncioHandler(logging.Handler):
+            def emit(self, record: logging.LogRecord) -> None:
+                try:
+                    text = record.getMessage()
+                except Exception:  # pragma: no cover - a broken log call
+                    text = str(record.msg)
+                if record.levelno >= logging.ERROR:
+                    sink.records.append(WarningRecord("asyncio", record.levelname, text))
+                elif text.startswith("Executing "):
+                    sink._slow_callbacks += 1  # asyncio debug mode: a slow step, not a failure
+
+        self._handler = _AsyncioHandler(level=logging.WARNING)
+        logging.getLogger("asyncio").addHandler(self._handler)
+        self._old_hook = sys.unraisablehook
+
+        def hook(unraisable: Any) -> None:
+            exc = unraisable.exc_value
+            what = f"{unraisable.err_msg or 'Exception ignored'}: {unraisable.object!r}: {exc!r}"
+            sink.records.append(WarningRecord("unraisable", type(exc).__name__, what))
+
+        sys.unraisablehook = hook
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.flush()
+        if self._handler is not None:
+            logging.getLogger("asyncio").removeHandler(self._handler)
+            self._handler = None
+        if self._old_hook is not None:
+            sys.unraisablehook = self._old_hook
+            self._old_hook = None
+        if self._catch is not None:
+            self._catch.__exit__(None, None, None)
+            self._catch = None
+
+    def flush(self) -> None:
+        """Move warnings recorded by ``catch_warnings`` into :attr:`records` (in order of arrival)."""
+        caught, self._caught[:] = list(self._caught), []
+        for w in caught:
+            self.records.append(WarningRecord("warning", w.category.__name__, str(w.message)))
+
+    def mark(self) -> int:
+        self.flush()
+        return len(self.records)
+
+    def since(self, mark: int) -> list[WarningRecord]:
+        self.flush()
+        return self.records[mark:]
+
+    @property
+    def slow_callbacks(self) -> int:
+        """asyncio debug-mode "Executing ... took N s" lines seen (reported, not counted as failures)."""
+        return self._slow_callbacks
+
+    @staticmethod
+    def is_finalizer_warning(record: WarningRecord) -> bool:
+        """A sidechain finalizer's ResourceWarning: what a stream or Session dropped unclosed gives."""
+        return record.category == "ResourceWarning" and bool(_SIDECHAIN_FINALIZER.search(record.message))
+
+
+# -- garbage collection pauses ---------------------------------------------------------------------
+
+
+class GcPauses:
+    """Records every garbage collection (start and end, ``perf_counter`` seconds, and generation) while
+    entered, so a latency sample can be told apart from a collection that stopped the whole process."""
+
+    def __init__(self) -> None:
+        self.intervals: list[tuple[float, float, int]] = []
+        self._ends: list[float] = []
+        self._started = 0.0
+
+    def _callback(self, phase: str, info: dict[str, int]) -> None:
+        now = time.perf_counter()
+        if phase == "start":
+            self._started = now
+        else:
+            self.intervals.append((self._started, now, info.get("generation", -1)))
+            self._ends.append(now)
+
+    def __enter__(self) -> GcPauses:
+        gc.callbacks.append(self._callback)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._callback in gc.callbacks:
+            gc.callbacks.remove(self._callback)
+
+    def mark(self) -> int:
+        return len(self.intervals)
+
+    def summary(self, since: int) -> dict[str, float]:
+        """Count, total and longest pause (ms) of the collections after ``mark()``, by generation 2."""
+        pauses = self.intervals[since:]
+        full = [(b - a) * 1000 for a, b, g in pauses if g == 2]
+        return {
+            "collections": len(pauses),
+            "gen2_collections": len(full),
+            "longest_ms": round(max(((b - a) * 1000 for a, b, _ in pauses), default=0.0), 2),
+            "total_ms": round(sum((b - a) * 1000 for a, b, _ in pauses), 1),
+        }
+
+    def overlaps(self, start: float, end: float) -> bool:
+        """Whether a collection ran between ``start`` and ``end`` (perf_counter seconds)."""
+        i = bisect.bisect_left(self._ends, start)  # collections do not overlap: ends are sorted
+        return i < len(self.intervals) and self.intervals[i][0] <= end
+
+
+# -- hangs and release latency -----------------------------------------------------------------------
+
+#: Where the first hung consumers were waiting when their grace ran out (for the report).
+hung_stacks: list[str] = []
+
+
+async def await_or_hang(task: asyncio.Future[Any], stuck: list[asyncio.Future[Any]], *, grace: float = 1.0,
+                        force_wait: float = 5.0) -> bool:
+    """Wait up to ``grace`` seconds for ``task`` to finish after it was cancelled or its source closed.
+
+    Returns True when it did. Otherwise it is a hung consumer: it is cancelled (again) and waited for
+    ``force_wait`` more seconds; one still running then is appended to ``stuck`` for the runner to
+    reap (and report) at the end of the scenario. Returns False.
+    """
+    done, _ = await asyncio.wait({task}, timeout=grace)
+    if done:
+        return True
+    if isinstance(task, asyncio.Task) and len(hung_stacks) < 2:
+        out = io.StringIO()
+        task.print_stack(limit=12, file=out)
+        hung_stacks.append(out.getvalue()[-3000:])
+    task.cancel()
+    done, _ = await asyncio.wait({task}, timeout=force_wait)
+    if not done:
+        stuck.append(task)
+    return False
+
+
+def retrieve(task: asyncio.Future[Any]) -> BaseException | None:
+    """The exception a finished task ended with (None if it returned or was cancelled)."""
+    if task.cancelled():
+        return None
+    return task.exception()

@@ -1,0 +1,84 @@
+"""Scenario 8: mixed traffic for a long time; RSS and fd drift."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+from collections.abc import Awaitable, Callable
+
+from ..context import SoakContext
+from ..model import ScenarioResult
+from ..probes import fd_count, percentile, rss_mb
+from .cancel_storm import scenario_cancel_storm
+from .dropped import scenario_dropped_streams
+from .faults import scenario_faults
+from .session_close import scenario_session_close
+from .stalls import scenario_stalls
+
+
+async def scenario_mixed_soak(ctx: SoakContext, res: ScenarioResult) -> None:
+    """8. Mixed traffic for ``--duration`` seconds: rounds of scenarios 1 to 5 at small sizes (cancel
+    storms, sessions closed under readers, FIN/RST drops with resume, stalls and trickles, dropped
+    streams), their counters summed. fds and RSS are sampled between rounds, when nothing is in
+    flight; their drift from the baseline (median of the first 10% of samples after a warm-up of 10%)
+    to the end (median of the last 10%) must stay within 5%."""
+    duration = ctx.sizes.s8_duration
+    small = ctx.sizes.replace(
+        s1_calls=200, s1_concurrency=50, s2_sessions=20, s2_parallel=10, s3_calls=40, s3_concurrency=20,
+        s4_repeats=1, s5_streams=20, s5_batch=20,
+    )
+    round_ctx = SoakContext(ctx.targets, small, ctx.rng, lambda _m: None, ctx.stuck, ctx.quick,
+                           ctx.gc_pauses)
+    steps: list[Callable[[SoakContext, ScenarioResult], Awaitable[None]]] = [
+        scenario_cancel_storm, scenario_session_close, scenario_faults, scenario_stalls,
+        scenario_dropped_streams,
+    ]
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    samples: list[tuple[float, int, float]] = []
+    rounds = 0
+    expected = 0
+    while loop.time() - start < duration:
+        for step in steps:
+            part = ScenarioResult(res.number, res.name)
+            await step(round_ctx, part)
+            res.operations += part.operations
+            res.hung_consumers += part.hung_consumers
+            res.lost_events += part.lost_events
+            res.repeated_events += part.repeated_events
+            res.release_ms.extend(part.release_ms if step is scenario_cancel_storm else [])
+            for kind, count in part.error_samples.items():
+                res.error(kind, count)
+            expected += int(part.figures.get("expected_finalizer_warnings", 0))
+        rounds += 1
+        await asyncio.sleep(0.2)  # sockets closed in the last step finish closing
+        gc.collect()
+        samples.append((loop.time() - start, fd_count(), rss_mb()))
+        ctx.progress(f"scenario 8: round {rounds}, {loop.time() - start:.0f}/{duration:.0f} s, "
+                     f"fds {samples[-1][1]}, RSS {samples[-1][2]:.1f} MB")
+    res.release_label = "task.cancel() → connection released"
+    res.figures["expected_finalizer_warnings"] = expected
+    res.figures["samples"] = [[round(t, 1), f, round(r, 1)] for t, f, r in samples]
+    res.figures["rounds"] = rounds
+    if len(samples) < 4:
+        res.notes.append(f"only {len(samples)} rounds: too short to measure drift")
+        return
+    warm = max(1, len(samples) // 10)
+    usable = samples[warm:]
+    k = max(1, len(usable) // 10)
+
+    def median(values: list[float]) -> float:
+        return percentile(values, 0.5) or 0.0
+
+    fd0, fd1 = median([s[1] for s in usable[:k]]), median([s[1] for s in usable[-k:]])
+    rss0, rss1 = median([s[2] for s in usable[:k]]), median([s[2] for s in usable[-k:]])
+    fd_drift = (fd1 - fd0) / fd0 * 100 if fd0 else 0.0
+    rss_drift = (rss1 - rss0) / rss0 * 100 if rss0 else 0.0
+    res.figures.update({"fd_drift_pct": round(fd_drift, 2), "rss_drift_pct": round(rss_drift, 2),
+                        "fds": [fd0, fd1], "rss_mb": [round(rss0, 1), round(rss1, 1)]})
+    res.notes.append(f"{rounds} rounds in {loop.time() - start:.0f} s; fds {fd0:.0f} → {fd1:.0f} "
+                     f"({fd_drift:+.1f}%), RSS {rss0:.1f} → {rss1:.1f} MB ({rss_drift:+.1f}%)")
+    if abs(fd_drift) > 5:
+        res.failures.append(f"fd drift {fd_drift:+.1f}% (limit 5%)")
+    if abs(rss_drift) > 5:
+        res.failures.append(f"RSS drift {rss_drift:+.1f}% (limit 5%)")
