@@ -87,3 +87,5 @@ class SoakContext:
     stuck: list[asyncio.Future[Any]] = field(default_factory=list)
     quick: bool = False
     gc_pauses: GcPauses = field(default_factory=GcPauses)
+    #: Tallies the warnings caught so far (a long scenario calls it now and then to keep memory flat).
+    flush_warnings: Callable[[], None] = field(default=lambda: None)

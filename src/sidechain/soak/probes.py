@@ -19,7 +19,7 @@ import sys
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 __all__ = [
@@ -27,6 +27,7 @@ __all__ = [
     "Snapshot",
     "WarningRecord",
     "WarningSink",
+    "WarningTally",
     "await_or_hang",
     "fd_count",
     "peak_rss_mb",
@@ -158,25 +159,39 @@ class WarningRecord:
 _SIDECHAIN_FINALIZER = re.compile(r"sidechain .* garbage collected without")
 
 
+@dataclass
+class WarningTally:
+    """The warnings of one window (a scenario): expected ones counted, others counted and sampled."""
+
+    expected: int = 0
+    unexpected: int = 0
+    samples: list[WarningRecord] = field(default_factory=list)
+
+
 class WarningSink:
     """Catches, for as long as it is entered, every warning the process emits:
 
-    * ``warnings`` warnings, recorded whatever the filters say (so ``-W error`` turns none of them into
-      an exception inside the soak);
+    * ``warnings`` warnings, recorded with ``catch_warnings(record=True)`` whatever the filters say (so
+      ``-W error`` turns none of them into an exception inside the soak);
     * ``asyncio`` log records at ERROR and above ("Task exception was never retrieved", "Unclosed
       client session", "Task was destroyed but it is pending!");
     * exceptions ignored in finalizers and ``__del__`` (``sys.unraisablehook``).
 
-    ``mark()`` / ``since(mark)`` give the records of one scenario. Not reentrant.
+    Warnings are tallied per window: :meth:`begin` opens one (with what is expected in it), :meth:`end`
+    closes it and returns its :class:`WarningTally`. Only counts and a few samples are kept, so memory
+    stays flat however long the soak runs, provided :meth:`flush` is called now and then (``end`` does).
     """
 
+    MAX_SAMPLES = 8
+
     def __init__(self) -> None:
-        self.records: list[WarningRecord] = []
         self._catch: warnings.catch_warnings[list[warnings.WarningMessage]] | None = None
         self._caught: list[warnings.WarningMessage] = []
         self._handler: logging.Handler | None = None
         self._old_hook: Callable[[Any], Any] | None = None
         self._slow_callbacks = 0
+        self._expected: Callable[[WarningRecord], bool] | None = None
+        self._tally = WarningTally()
 
     def __enter__(self) -> WarningSink:
         self._catch = warnings.catch_warnings(record=True)
@@ -191,7 +206,7 @@ class WarningSink:
                 except Exception:  # pragma: no cover - a broken log call
                     text = str(record.msg)
                 if record.levelno >= logging.ERROR:
-                    sink.records.append(WarningRecord("asyncio", record.levelname, text))
+                    sink.add(WarningRecord("asyncio", record.levelname, text))
                 elif text.startswith("Executing "):
                     sink._slow_callbacks += 1  # asyncio debug mode: a slow step, not a failure
 
@@ -202,7 +217,7 @@ class WarningSink:
         def hook(unraisable: Any) -> None:
             exc = unraisable.exc_value
             what = f"{unraisable.err_msg or 'Exception ignored'}: {unraisable.object!r}: {exc!r}"
-            sink.records.append(WarningRecord("unraisable", type(exc).__name__, what))
+            sink.add(WarningRecord("unraisable", type(exc).__name__, what))
 
         sys.unraisablehook = hook
         return self
@@ -219,19 +234,35 @@ class WarningSink:
             self._catch.__exit__(None, None, None)
             self._catch = None
 
+    def add(self, record: WarningRecord) -> None:
+        """Count one warning in the current window."""
+        tally = self._tally
+        if self._expected is not None and self._expected(record):
+            tally.expected += 1
+            return
+        tally.unexpected += 1
+        if len(tally.samples) < self.MAX_SAMPLES:
+            tally.samples.append(record)
+
     def flush(self) -> None:
-        """Move warnings recorded by ``catch_warnings`` into :attr:`records` (in order of arrival)."""
+        """Tally the warnings ``catch_warnings`` recorded so far (in order of arrival) and drop them."""
         caught, self._caught[:] = list(self._caught), []
         for w in caught:
-            self.records.append(WarningRecord("warning", w.category.__name__, str(w.message)))
+            self.add(WarningRecord("warning", w.category.__name__, str(w.message)))
 
-    def mark(self) -> int:
+    def begin(self, expected: Callable[[WarningRecord], bool] | None = None) -> None:
+        """Open a window; warnings before it are left in the previous one."""
         self.flush()
-        return len(self.records)
+        self._expected = expected
+        self._tally = WarningTally()
 
-    def since(self, mark: int) -> list[WarningRecord]:
+    def end(self) -> WarningTally:
+        """Close the window and return its tally (later warnings go to a fresh, unexpected window)."""
         self.flush()
-        return self.records[mark:]
+        tally = self._tally
+        self._expected = None
+        self._tally = WarningTally()
+        return tally
 
     @property
     def slow_callbacks(self) -> int:
@@ -248,21 +279,36 @@ class WarningSink:
 
 
 class GcPauses:
-    """Records every garbage collection (start and end, ``perf_counter`` seconds, and generation) while
-    entered, so a latency sample can be told apart from a collection that stopped the whole process."""
+    """Times every garbage collection while entered, so a latency sample can be told apart from a
+    collection that stopped the whole process. Keeps running totals and the last
+    :attr:`KEEP` collections' intervals (``perf_counter`` seconds), so its memory stays bounded."""
+
+    KEEP = 20_000
 
     def __init__(self) -> None:
         self.intervals: list[tuple[float, float, int]] = []
         self._ends: list[float] = []
         self._started = 0.0
+        self._count = 0
+        self._gen2 = 0
+        self._total = 0.0
+        self._longest = 0.0
 
     def _callback(self, phase: str, info: dict[str, int]) -> None:
         now = time.perf_counter()
         if phase == "start":
             self._started = now
-        else:
-            self.intervals.append((self._started, now, info.get("generation", -1)))
-            self._ends.append(now)
+            return
+        took = now - self._started
+        self._count += 1
+        self._gen2 += info.get("generation", -1) == 2
+        self._total += took
+        self._longest = max(self._longest, took)
+        self.intervals.append((self._started, now, info.get("generation", -1)))
+        self._ends.append(now)
+        if len(self.intervals) > 2 * self.KEEP:
+            del self.intervals[: self.KEEP]
+            del self._ends[: self.KEEP]
 
     def __enter__(self) -> GcPauses:
         gc.callbacks.append(self._callback)
@@ -272,18 +318,19 @@ class GcPauses:
         if self._callback in gc.callbacks:
             gc.callbacks.remove(self._callback)
 
-    def mark(self) -> int:
-        return len(self.intervals)
+    def mark(self) -> tuple[int, int, float]:
+        """Start a window for :meth:`summary` (one at a time: it also resets the longest pause)."""
+        self._longest = 0.0
+        return (self._count, self._gen2, self._total)
 
-    def summary(self, since: int) -> dict[str, float]:
-        """Count, total and longest pause (ms) of the collections after ``mark()``, by generation 2."""
-        pauses = self.intervals[since:]
-        full = [(b - a) * 1000 for a, b, g in pauses if g == 2]
+    def summary(self, since: tuple[int, int, float]) -> dict[str, float]:
+        """Collections since ``mark()``: how many, how many of generation 2, longest and total (ms)."""
+        count, gen2, total = since
         return {
-            "collections": len(pauses),
-            "gen2_collections": len(full),
-            "longest_ms": round(max(((b - a) * 1000 for a, b, _ in pauses), default=0.0), 2),
-            "total_ms": round(sum((b - a) * 1000 for a, b, _ in pauses), 1),
+            "collections": self._count - count,
+            "gen2_collections": self._gen2 - gen2,
+            "longest_ms": round(self._longest * 1000, 2),
+            "total_ms": round((self._total - total) * 1000, 1),
         }
 
     def overlaps(self, start: float, end: float) -> bool:

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
@@ -66,20 +67,20 @@ def print_report(report: SoakReport, console: Console | None = None, *, title: s
         lines: list[str] = []
         if r.release_label and r.release_ms:
             lines.append(f"release = {r.release_label} ({len(r.release_ms):,} samples)")
-        lines.extend(r.notes)
+        lines.extend(escape(n) for n in r.notes)
         if r.expected_warnings:
             lines.append(f"{r.expected_warnings} expected ResourceWarnings from sidechain's finalizers "
                          "(caught, not failures)")
         for kind, count in r.error_samples.items():
-            lines.append(f"[red]error x{count}: {kind}[/red]")
-        lines.extend(f"[red]warning: {w}[/red]" for w in r.warning_samples)
-        lines.extend(f"[red]target missed: {f}[/red]" for f in r.failures)
+            lines.append(f"[red]error x{count}: {escape(kind)}[/red]")
+        lines.extend(f"[red]warning: {escape(w)}[/red]" for w in r.warning_samples)
+        lines.extend(f"[red]target missed: {escape(f)}[/red]" for f in r.failures)
         if lines:
             console.print(f"[bold]{r.number}. {r.name}[/bold]")
             for line in lines:
                 console.print(f"   {line}", highlight=False, markup=True)
     for w in report.stray_warnings:
-        console.print(f"[red]warning outside every scenario: {w}[/red]")
+        console.print(f"[red]warning outside every scenario: {escape(w)}[/red]")
     slow = report.context.get("asyncio_slow_callbacks")
     if slow:
         console.print(f"(asyncio debug mode: {slow} slow-callback lines logged, not counted)")

@@ -15,7 +15,7 @@ import sys
 import time
 import traceback
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from ..client import EventStreamClient, GatewayHTTPClient
 from .context import FULL, QUICK, SoakContext, Targets
@@ -99,7 +99,6 @@ class SoakOptions:
     duration: float | None = None
     seed: int = 6
     progress: bool = True
-    extra: dict[str, str] = field(default_factory=dict)
 
 
 def _progress_printer(enabled: bool, started: float) -> Callable[[str], None]:
@@ -128,10 +127,9 @@ async def run_soak(options: SoakOptions) -> SoakReport:
             needed = {g for n in options.scenarios for g in SCENARIOS[n].gateways}
             targets = await start_targets(stack, options.url, needed, say)
             ctx = SoakContext(targets, sizes, random.Random(options.seed), say, quick=options.quick,
-                              gc_pauses=gc_pauses)
-            warm_mark = sink.mark()
+                              gc_pauses=gc_pauses, flush_warnings=sink.flush)
             await warm_up(ctx, needed)
-            warm_warnings = sink.since(warm_mark)
+            before = sink.end()  # the gateways' start and the warm-up: attributed to no scenario
             for number in options.scenarios:
                 say(f"scenario {number}: {SCENARIOS[number].name}")
                 result = await _measure(ctx, sink, number)
@@ -139,19 +137,22 @@ async def run_soak(options: SoakOptions) -> SoakReport:
                 say(f"scenario {number}: done in {result.duration_s:.1f}s"
                     + (" FAILED" if result.failed else "") + (f" (skipped: {result.skipped})"
                                                               if result.skipped else ""))
-            end_mark = sink.mark()
+            sink.begin()
         gc.collect()
-        leftover = sink.since(end_mark)  # while the gateways stopped: attributed to no scenario
+        after = sink.end()  # while the gateways stopped: attributed to no scenario
     report.duration_s = time.perf_counter() - started
     report.context = {
-        "sizes": {k: v for k, v in vars(sizes).items()},
+        "sizes": dict(vars(sizes)),
         "gateways": {name: " ".join(GATEWAY_ARGS[name]) for name in sorted(needed)} if not options.url
         else {"external": options.url},
         "seed": options.seed,
         "asyncio_debug": debug,
         "asyncio_slow_callbacks": sink.slow_callbacks,
     }
-    report.stray_warnings = [f"[{w.source}] {w.short()}" for w in [*warm_warnings, *leftover]]
+    for tally in (before, after):
+        report.stray_warnings.extend(f"[{w.source}] {w.short()}" for w in tally.samples)
+        if tally.unexpected > len(tally.samples):
+            report.stray_warnings.append(f"... and {tally.unexpected - len(tally.samples)} more")
     return report
 
 
@@ -220,7 +221,7 @@ async def measure(ctx: SoakContext, sink: WarningSink, number: int, name: str, r
     before = Snapshot.now()
     reset_peak_rss()
     res.figures["rss_start_mb"] = round(rss_mb(), 1)
-    mark = sink.mark()
+    sink.begin(expected_warning)
     gc_mark = ctx.gc_pauses.mark()
     t0 = time.perf_counter()
     try:
@@ -244,13 +245,10 @@ async def measure(ctx: SoakContext, sink: WarningSink, number: int, name: str, r
     res.leaked_tasks += max(0, after.tasks - before.tasks)
     res.peak_rss_mb = peak_rss_mb()
     res.figures["gc"] = ctx.gc_pauses.summary(gc_mark)
-    for record in sink.since(mark):
-        if expected_warning is not None and expected_warning(record):
-            res.expected_warnings += 1
-            continue
-        res.warnings += 1
-        if len(res.warning_samples) < 8:
-            res.warning_samples.append(f"[{record.source}] {record.short()}")
+    tally = sink.end()
+    res.expected_warnings += tally.expected
+    res.warnings += tally.unexpected
+    res.warning_samples.extend(f"[{w.source}] {w.short()}" for w in tally.samples)
     declared = res.figures.get("expected_finalizer_warnings")
     if isinstance(declared, int) and declared != res.expected_warnings:
         res.error(f"expected {declared} finalizer ResourceWarnings, saw {res.expected_warnings}")

@@ -15,6 +15,9 @@ from .faults import scenario_faults
 from .session_close import scenario_session_close
 from .stalls import scenario_stalls
 
+#: Release-latency samples kept (reservoir sampling), so the soak's own memory does not grow.
+RESERVOIR = 4_000
+
 
 async def scenario_mixed_soak(ctx: SoakContext, res: ScenarioResult) -> None:
     """8. Mixed traffic for ``--duration`` seconds: rounds of scenarios 1 to 5 at small sizes (cancel
@@ -28,7 +31,7 @@ async def scenario_mixed_soak(ctx: SoakContext, res: ScenarioResult) -> None:
         s4_repeats=1, s5_streams=20, s5_batch=20,
     )
     round_ctx = SoakContext(ctx.targets, small, ctx.rng, lambda _m: None, ctx.stuck, ctx.quick,
-                           ctx.gc_pauses)
+                           ctx.gc_pauses, ctx.flush_warnings)
     steps: list[Callable[[SoakContext, ScenarioResult], Awaitable[None]]] = [
         scenario_cancel_storm, scenario_session_close, scenario_faults, scenario_stalls,
         scenario_dropped_streams,
@@ -38,19 +41,28 @@ async def scenario_mixed_soak(ctx: SoakContext, res: ScenarioResult) -> None:
     samples: list[tuple[float, int, float]] = []
     rounds = 0
     expected = 0
+    seen = 0
     while loop.time() - start < duration:
         for step in steps:
             part = ScenarioResult(res.number, res.name)
             await step(round_ctx, part)
             res.operations += part.operations
+            res.leaked_fds += part.leaked_fds  # scenario 5's fds still open after each batch's gc
             res.hung_consumers += part.hung_consumers
             res.lost_events += part.lost_events
             res.repeated_events += part.repeated_events
-            res.release_ms.extend(part.release_ms if step is scenario_cancel_storm else [])
+            if step is scenario_cancel_storm:
+                for sample in part.release_ms:  # a uniform sample of at most RESERVOIR values
+                    seen += 1
+                    if len(res.release_ms) < RESERVOIR:
+                        res.release_ms.append(sample)
+                    elif (slot := ctx.rng.randrange(seen)) < RESERVOIR:
+                        res.release_ms[slot] = sample
             for kind, count in part.error_samples.items():
                 res.error(kind, count)
             expected += int(part.figures.get("expected_finalizer_warnings", 0))
         rounds += 1
+        ctx.flush_warnings()  # the harness keeps counts, not records: its memory stays flat
         await asyncio.sleep(0.2)  # sockets closed in the last step finish closing
         gc.collect()
         samples.append((loop.time() - start, fd_count(), rss_mb()))

@@ -101,7 +101,11 @@ async def _slow_consumer_once(ctx: SoakContext, res: ScenarioResult, *, past_gra
         if producer.exception() is not None:
             res.error(f"producer failed: {exc_kind(producer.exception())}")
         if dropped_after is None:
-            res.error("the gateway never dropped the stalled subscriber")
+            if ctx.targets.external:  # its pace may be too slow to outrun the buffers: no verdict
+                res.notes.append("the gateway did not drop the stalled subscriber within 60 s "
+                                 "(with --url its pace may be too slow for a burst)")
+            else:
+                res.error("the gateway never dropped the stalled subscriber")
         if past_grace:
             await asyncio.sleep(7.0)  # slow_consumer_grace (5 s) passes: the gateway closes the connection
             peak_items = max(peak_items, len(getattr(events, "_buffer", ())))
