@@ -283,7 +283,7 @@ class GcPauses:
     collection that stopped the whole process. Keeps running totals and the last
     :attr:`KEEP` collections' intervals (``perf_counter`` seconds), so its memory stays bounded."""
 
-    KEEP = 20_000
+    KEEP = 1_000
 
     def __init__(self) -> None:
         self.intervals: list[tuple[float, float, int]] = []
