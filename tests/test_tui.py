@@ -128,9 +128,10 @@ async def test_btw_streams_while_main_turn_continues_and_follow_up_continues_thr
             await wait_for(pilot, lambda: first_btw_text(app), "the btw answer")
             side = app.btw_panel.exchanges[0].answer
             main_at_start, side_at_start = len(answer.source), len(side.source)
+            # both grow at the same time: the main turn keeps streaming in its pane while the btw does
+            await wait_for(pilot, lambda: len(answer.source) > main_at_start, "the main answer to grow")
+            assert not side.settled, "the btw finished before the main answer grew at all"
             await wait_for(pilot, lambda: len(side.source) > side_at_start + 40, "more of the btw answer")
-            # both grew at the same time: the main turn kept streaming in its pane
-            assert len(answer.source) > main_at_start
             assert app.turn_id is not None and answer.streaming
             await wait_for(pilot, lambda: side.settled and side.source == side.text, "the btw to complete")
             assert 'Side question: "what did I ask for?"' in side.text
