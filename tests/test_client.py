@@ -461,3 +461,85 @@ async def test_protocol_error_keeps_events_before_it(fault_server: str) -> None:
             async for e in s:
                 got.append(e)
     assert info.value.rule == "max_line_bytes"
+
+
+# -- no reference cycles: a finished call is freed by reference counting, not by the collector ---------
+
+
+def _library_garbage() -> dict[str, int]:
+    """Types from sidechain, aiohttp and their helpers among the objects the collector found in cycles."""
+    found: dict[str, int] = {}
+    for obj in gc.garbage:
+        module = type(obj).__module__ or ""
+        if module.split(".")[0] in ("sidechain", "aiohttp", "multidict", "yarl"):
+            name = f"{module}.{type(obj).__qualname__}"
+            found[name] = found.get(name, 0) + 1
+    return found
+
+
+async def test_finished_calls_leave_no_reference_cycles(fault_server: str) -> None:
+    """Completion, ``break``, a dropped connection raised as ``ReadError``, an HTTP error, cancellation,
+    a retry with resume (dedicated or pooled session) and a session closed under its reader: the call's
+    stream, response, session and watchdog are freed as soon as the last reference goes. A cycle would
+    leave all of it for the garbage collector, whose passes stop the whole process (they were the tail
+    of the soak's cancel-to-release latency). The one cycle left per connection is asyncio's own
+    selector transport (``_read_ready_cb``), which holds nothing of ours."""
+    client = GatewayHTTPClient(fault_server, retry=FAST)
+    pool = Session()
+    runs = iter(range(1000))
+
+    async def scenarios() -> None:
+        for session in (None, pool):
+            tag = next(runs)  # the fault server injects a fault once per path: each run gets its own
+            async with client.stream_post("/s?n=20", {}, session=session) as s:
+                await collect(s)
+            async with client.stream_post("/s?n=200&gap=0.001", {}, session=session) as s:
+                async for event in s:
+                    if event.id == "2":
+                        break
+            with pytest.raises(ReadError):
+                async with client.stream_post(f"/s?n=20&fault=rst&at=4&u={tag}", {}, session=session) as s:
+                    await collect(s)
+            with pytest.raises(HTTPStatusError):
+                async with client.stream_post("/s?fault=status_always&code=404", {}, session=session) as s:
+                    await collect(s)
+            async with client.stream_post_with_retry(f"/s?n=20&fault=fin&at=5&u={tag}", {}, session=session,
+                                                     expect_terminal={"done"}) as s:
+                assert len(await collect(s)) == 21
+            reading = asyncio.Event()
+
+            async def consume(session: Session | None = session, reading: asyncio.Event = reading) -> None:
+                async with client.stream_post("/s?n=1000&gap=0.001", {}, session=session) as s:
+                    async for _ in s:
+                        reading.set()
+
+            task = asyncio.create_task(consume())
+            await reading.wait()
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            del task
+        closing = Session()
+        with pytest.raises(SessionInvalidated):
+            async with client.stream_post("/s?n=1000&gap=0.001", {}, session=closing) as s:
+                async for _ in s:
+                    await closing.aclose()
+
+    await scenarios()  # warm-up: imports and caches created once are not garbage
+    before = Resources.now()
+    gc.collect()
+    was_enabled = gc.isenabled()
+    gc.disable()
+    gc.set_debug(gc.DEBUG_SAVEALL)
+    try:
+        await scenarios()
+        await settle_resources(before)  # connections finish closing (connection_lost ran)
+        gc.collect()
+        leftover = _library_garbage()
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+        if was_enabled:
+            gc.enable()
+        await pool.aclose()
+    assert leftover == {}, f"reference cycles left by finished calls: {leftover}"

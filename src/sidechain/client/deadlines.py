@@ -8,6 +8,7 @@ possible deadline.
 from __future__ import annotations
 
 import asyncio
+import weakref
 from collections.abc import Callable
 
 from ..errors import IdleTimeout, TotalTimeout
@@ -18,7 +19,11 @@ __all__ = ["Watchdog"]
 
 class Watchdog:
     """Fails ``stream`` with :class:`IdleTimeout` when no event came for ``idle`` seconds, or with
-    :class:`TotalTimeout` at the loop time ``deadline``. ``on_stall(name)`` is told which one fired."""
+    :class:`TotalTimeout` at the loop time ``deadline``. ``on_stall(name)`` is told which one fired.
+
+    A bound method given as ``on_stall`` is held weakly: the stream that owns this watchdog and is told
+    about its stalls would otherwise form a reference cycle with it, and every finished call would wait
+    for the garbage collector instead of being freed when its last reference goes."""
 
     __slots__ = ("_loop", "_on_stall", "_stream", "_timer", "deadline", "idle", "last_event_at", "total")
 
@@ -28,7 +33,10 @@ class Watchdog:
         self.idle = idle
         self.deadline = deadline
         self.total = total
-        self._on_stall = on_stall
+        self._on_stall: Callable[[], Callable[[str], None] | None] | None = None
+        if on_stall is not None:
+            self._on_stall = (weakref.WeakMethod(on_stall) if hasattr(on_stall, "__self__")
+                              else lambda: on_stall)
         self._stream: SafeByteStream | None = None
         self._timer: asyncio.TimerHandle | None = None
         self.last_event_at = loop.time()
@@ -75,5 +83,6 @@ class Watchdog:
             self._arm()  # an event arrived meanwhile: re-arm for the next possible deadline
 
     def _stall(self, name: str) -> None:
-        if self._on_stall is not None:
-            self._on_stall(name)
+        callback = self._on_stall() if self._on_stall is not None else None
+        if callback is not None:
+            callback(name)

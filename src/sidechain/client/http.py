@@ -142,9 +142,10 @@ class EventStream:
         """Release this stream's connection and timers. Idempotent; safe from any task."""
         self._done = True
         self._watchdog.stop()
-        if self._bytes is not None:
-            self._bytes.close_nowait()
-            self._emit("close", state=self._bytes.state.value)
+        stream, self._bytes = self._bytes, None  # the stream keeps its error, which may lead back here
+        if stream is not None:
+            stream.close_nowait()
+            self._emit("close", state=stream.state.value)
 
     # -- internals ---------------------------------------------------------------------------------
 
@@ -207,36 +208,39 @@ class EventStream:
 
     async def _after_failure(self, exc: SidechainError) -> None:
         """Ask the policy; sleep and return to retry, or raise what it says."""
-        if self._bytes is not None:
-            self._bytes.close_nowait()
-            self._bytes = None
-        self._watchdog.stop()
-        self._decoder.close()
-        self._pending = []
-        self._pos = 0
-        if self._retry is None:
-            raise exc
-        decision = self._retry.decide(
-            self._attempt,
-            exc,
-            delivered=self._delivered,
-            last_event_id=self._decoder.last_event_id,
-            delivered_events=self._delivered_events,
-        )
-        if decision.action == "give_up":
-            assert decision.error is not None
-            if decision.error is exc:
+        try:
+            if self._bytes is not None:
+                self._bytes.close_nowait()
+                self._bytes = None
+            self._watchdog.stop()
+            self._decoder.close()
+            self._pending = []
+            self._pos = 0
+            if self._retry is None:
                 raise exc
-            raise decision.error from exc
-        delay = decision.delay
-        if self._deadline is not None and self._loop.time() + delay >= self._deadline:
-            raise TotalTimeout(
-                f"call would exceed total_timeout={self._client.total_timeout}s while waiting to retry",
-                timeout=self._client.total_timeout,
-            ) from exc
-        self._emit("retry", attempt=self._attempt, delay=delay, action=decision.action, error=repr(exc))
-        if delay > 0:
-            await asyncio.sleep(delay)
+            decision = self._retry.decide(
+                self._attempt,
+                exc,
+                delivered=self._delivered,
+                last_event_id=self._decoder.last_event_id,
+                delivered_events=self._delivered_events,
+            )
+            if decision.action == "give_up":
+                assert decision.error is not None
+                if decision.error is exc:
+                    raise exc
+                raise decision.error from exc
+            delay = decision.delay
+            if self._deadline is not None and self._loop.time() + delay >= self._deadline:
+                raise TotalTimeout(
+                    f"call would exceed total_timeout={self._client.total_timeout}s while waiting to retry",
+                    timeout=self._client.total_timeout,
+                ) from exc
+            self._emit("retry", attempt=self._attempt, delay=delay, action=decision.action, error=repr(exc))
+            if delay > 0:
+                await asyncio.sleep(delay)
+        finally:
+            del exc  # raised from here, it would reach itself through this frame: a reference cycle
 
     async def _next_slow(self) -> Event:
         while True:
@@ -296,7 +300,11 @@ class EventStream:
                     return first
                 raise
             except SidechainError as exc:
-                if stream.state is StreamState.INVALIDATED:
+                invalidated = stream.state is StreamState.INVALIDATED
+                # an error raised from here keeps this frame: without the local, the frame does not
+                # lead back to the failed stream, which keeps the error (a reference cycle)
+                del stream
+                if invalidated:
                     self._done = True
                     raise
                 await self._after_failure(exc)

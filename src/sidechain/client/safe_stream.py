@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import traceback
 import warnings
 import weakref
 from collections.abc import Callable
@@ -132,30 +133,40 @@ class SafeByteStream:
 
     async def read(self) -> bytes:
         """The next chunk of the body; ``b""`` at its clean end. See the class doc for errors."""
-        if self.state is not StreamState.OPEN:
+        try:
+            if self.state is not StreamState.OPEN:
+                if self._error is not None:
+                    raise self._error
+                return b""
+            try:
+                data = await self._content.readany()
+            except Exception as exc:
+                # aiohttp's buffer keeps the error it raised, and the error's traceback reaches the
+                # buffer again through aiohttp's finished frames: a cycle that would hold the response
+                # until the garbage collector runs. Those frames' locals are dropped (lines stay).
+                if exc.__traceback__ is not None:
+                    traceback.clear_frames(exc.__traceback__.tb_next)
+                if self._error is not None:
+                    raise self._error from None
+                err = map_aiohttp_error(exc, read_timeout=self._read_timeout)
+                err.__cause__ = exc
+                # aiohttp discards bytes it already buffered once the connection breaks; they were
+                # received, so they are handed out first and the error comes on the next read
+                leftover = self._salvage()
+                self._set_failed(err, StreamState.FAILED)
+                if leftover:
+                    return leftover
+                raise err
+            if data:
+                return data
             if self._error is not None:
                 raise self._error
+            self.state = StreamState.ENDED
             return b""
-        try:
-            data = await self._content.readany()
-        except Exception as exc:
-            if self._error is not None:
-                raise self._error from None
-            err = map_aiohttp_error(exc, read_timeout=self._read_timeout)
-            err.__cause__ = exc
-            # aiohttp discards bytes it already buffered once the connection breaks; they were
-            # received, so they are handed out first and the error comes on the next read
-            leftover = self._salvage()
-            self._set_failed(err, StreamState.FAILED)
-            if leftover:
-                return leftover
-            raise err
-        if data:
-            return data
-        if self._error is not None:
-            raise self._error
-        self.state = StreamState.ENDED
-        return b""
+        finally:
+            # an error raised from here keeps this frame: without these locals the frame leads back
+            # neither to the stream (which keeps the error) nor to the error itself
+            self = err = None  # type: ignore[assignment]
 
     def _salvage(self) -> bytes:
         content: Any = self._content
