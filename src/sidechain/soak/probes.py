@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import ctypes
 import gc
 import io
 import logging
@@ -35,6 +36,7 @@ __all__ = [
     "reset_peak_rss",
     "rss_mb",
     "settle",
+    "trimmed_rss_mb",
 ]
 
 
@@ -73,6 +75,27 @@ def rss_mb(pid: int | None = None) -> float:
     except OSError:
         pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 if pid is None else 0.0
+
+
+def _load_malloc_trim() -> Callable[[int], int] | None:
+    try:
+        libc = ctypes.CDLL(None)
+        trim: Callable[[int], int] = libc.malloc_trim
+    except (OSError, AttributeError):  # not glibc
+        return None
+    return trim
+
+
+_malloc_trim = _load_malloc_trim()
+
+
+def trimmed_rss_mb() -> float | None:
+    """RSS in MB after giving the C heap's free pages back to the OS (glibc ``malloc_trim(0)``): the
+    memory the process holds, without what the allocator keeps cached. None where not glibc."""
+    if _malloc_trim is None:
+        return None
+    _malloc_trim(0)
+    return rss_mb()
 
 
 _peak_resettable = True
