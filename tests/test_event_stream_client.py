@@ -168,3 +168,19 @@ async def test_backoff_grows_on_repeated_failures() -> None:
     assert delays[0] == 0.01
     assert max(delays[3:]) > 0.04  # grew (jittered in [ceiling/2, ceiling])
     assert all(d <= 0.2 for d in delays)
+
+
+async def test_buffer_never_holds_more_than_buffer_items(fault_server: str) -> None:
+    """One read that decodes 300 events (the server writes them all at once) still fills the buffer
+    only up to ``buffer_items``; the rest waits, and nothing is lost or reordered."""
+    url = f"{fault_server}/s?n=300&chunk=all&retry=10&u={fresh()}"
+    peak = 0
+    ids: list[str] = []
+    async with EventStreamClient(url, buffer_items=8) as client:
+        async for event in client:
+            peak = max(peak, client.buffered + 1)  # + the event just handed out
+            ids.append(event.id)
+            if event.event == "done":
+                break
+    assert ids == [str(i) for i in range(301)]
+    assert peak == 8, f"the buffer held {peak} items with buffer_items=8"

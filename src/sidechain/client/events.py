@@ -65,6 +65,12 @@ class EventStreamClient:
     ends the stream for good. Other statuses and a wrong content type are errors, retried only where
     ``retry`` (a :class:`RetryPolicy`) says so; a final error ends iteration by raising it.
 
+    At most ``buffer_items`` items (events, comments, faults) wait for the iterators. When the buffer is
+    full the connection is not read: aiohttp's own read buffer (bounded, it pauses the socket) fills,
+    then TCP backpressure reaches the server, which may drop a subscriber that fell too far behind (the
+    sidechain gateway does, past 1024 events, with an ``error`` event; the stream then resumes from
+    the last id it delivered).
+
     ``aclose()`` is idempotent, callable from any task, and wakes every iterator (they end).
     ``restart()`` drops the connection and reconnects at once.
     """
@@ -178,6 +184,11 @@ class EventStreamClient:
     def closed(self) -> bool:
         return self._closed
 
+    @property
+    def buffered(self) -> int:
+        """Items received and waiting for the iterators (never more than ``buffer_items``)."""
+        return len(self._buffer)
+
     # -- consumption -------------------------------------------------------------------------------
 
     def __aiter__(self) -> AsyncIterator[Event]:
@@ -207,11 +218,22 @@ class EventStreamClient:
             await self._readable.wait()
 
     async def _put(self, items: list[Item]) -> None:
-        if len(self._buffer) >= self._max_items:
-            self._writable.clear()
-            await self._writable.wait()
-        self._buffer.extend(items)
-        self._readable.set()
+        """Hand ``items`` to the iterators, never holding more than ``buffer_items``: one read can
+        decode many events, so they go in as room frees up, and the socket is not read meanwhile."""
+        buffer = self._buffer
+        start = 0
+        while start < len(items):
+            room = self._max_items - len(buffer)
+            if room <= 0:
+                self._writable.clear()
+                await self._writable.wait()
+                continue
+            if start == 0 and len(items) <= room:
+                buffer.extend(items)
+            else:
+                buffer.extend(items[start:start + room])
+            start += room
+            self._readable.set()
 
     # -- the connection loop ---------------------------------------------------------------------------
 
