@@ -271,3 +271,24 @@ async def test_echo_model_is_deterministic_and_paced() -> None:
     start = loop.time()
     tokens = [d async for d in paced.stream(request)]
     assert loop.time() - start >= (len(tokens) - 1) / 100 * 0.9
+
+
+async def test_note_reaches_the_model_as_context(upstream: Upstream, session: aiohttp.ClientSession) -> None:
+    async with running_gateway(model=f"openai:{upstream.url}:m") as gw:
+        cid = await create_conversation(session, gw.url)
+        async with session.get(f"{gw.url}/v1/conversations/{cid}/events") as resp:
+            reader = SSEReader(resp)
+            await post_message(session, gw.url, cid, "main question")
+            await reader.until("turn.completed")
+            note = {"text": "Q: a\nA: b"}
+            async with session.post(f"{gw.url}/v1/conversations/{cid}/notes", json=note) as r:
+                assert r.status == 201
+            await reader.until("note.created")
+            assert len(upstream.requests) == 1, "a note runs no generation"
+            await post_message(session, gw.url, cid, "next question")
+            await reader.until("turn.completed")
+        messages = upstream.requests[-1]["messages"]
+        assert [m["role"] for m in messages] == ["user", "assistant", "user", "user"]
+        content = messages[2]["content"]
+        assert content.startswith("[A note added to this conversation") and content.endswith("Q: a\nA: b")
+        assert messages[3]["content"] == "next question"

@@ -434,3 +434,51 @@ async def test_requests_during_shutdown_get_503(session: aiohttp.ClientSession) 
         finally:
             gw.gateway.shutting_down = False
         await wait_until(lambda: gw.gateway.open_streams == 0)
+
+
+async def test_note_joins_history_without_a_turn(gw: RunningGateway, session: aiohttp.ClientSession) -> None:
+    cid = await create_conversation(session, gw.url)
+    async with session.get(f"{gw.url}/v1/conversations/{cid}/events") as resp:
+        reader = SSEReader(resp)
+        turn = await post_message(session, gw.url, cid, "first")
+        await reader.until("turn.completed")
+        note_url = f"{gw.url}/v1/conversations/{cid}/notes"
+        async with session.post(note_url, json={"text": "keep **this**"}) as r:
+            assert r.status == 201, await r.text()
+            note_id = (await r.json())["note_id"]
+        (created,) = await reader.until("note.created")
+        assert data(created) == {"note_id": note_id, "text": "keep **this**"}
+        second = await post_message(session, gw.url, cid, "second")
+        events = await reader.until("turn.completed")
+    assert [e.event for e in events][:2] == ["message.created", "turn.started"], "the note started no turn"
+    conv = await get_json(session, f"{gw.url}/v1/conversations/{cid}")
+    assert [(m["role"], m["text"]) for m in conv["messages"]][:3] == [
+        ("user", "first"), ("assistant", conv["messages"][1]["text"]), ("note", "keep **this**")]
+    assert conv["messages"][2]["note_id"] == note_id
+    assert [m["role"] for m in conv["messages"][3:]] == ["user", "assistant"]
+    assert conv["messages"][3]["turn_id"] == second["turn_id"] != turn["turn_id"]
+    # bad input: typed errors, nothing added
+    bad = (({"text": "  "}, 400, "invalid_request"), ({"txt": "x"}, 400, "invalid_request"),
+           ({"text": "x" * 101}, 400, "message_too_long"))
+    for body, status, kind in bad:
+        async with session.post(f"{gw.url}/v1/conversations/{cid}/notes", json=body) as r:
+            await expect_error(r, status, kind)
+    async with session.post(f"{gw.url}/v1/conversations/{'0' * 32}/notes", json={"text": "x"}) as r:
+        await expect_error(r, 404, "conversation_not_found")
+    assert len((await get_json(session, f"{gw.url}/v1/conversations/{cid}"))["messages"]) == 5
+
+
+async def test_note_survives_a_restart_with_sqlite(session: aiohttp.ClientSession, tmp_path: Any) -> None:
+    store = f"sqlite:{tmp_path / 'gw.sqlite3'}"
+    async with running_gateway(store=store, echo_pace=0) as first:
+        cid = await create_conversation(session, first.url)
+        async with session.post(f"{first.url}/v1/conversations/{cid}/notes", json={"text": "kept"}) as r:
+            assert r.status == 201
+    async with running_gateway(store=store, echo_pace=0) as second:
+        conv = await get_json(session, f"{second.url}/v1/conversations/{cid}")
+        assert [(m["role"], m["text"]) for m in conv["messages"]] == [("note", "kept")]
+        assert conv["active_turn"] is None, "a stored note is not an interrupted turn"
+        async with session.get(f"{second.url}/v1/conversations/{cid}/events",
+                               headers={"Last-Event-ID": "0"}) as resp:
+            (created,) = await SSEReader(resp).until("note.created")
+        assert data(created)["text"] == "kept"

@@ -14,7 +14,7 @@ from conftest import Resources, settle_resources
 from sidechain import Conversation
 from sidechain.gateway.testing import GatewayProcess, RunningGateway, running_gateway
 from sidechain.sse import Event
-from sidechain.tui import NOTE_PREFIX, ChatApp, run_tui
+from sidechain.tui import ChatApp, run_tui
 from sidechain.tui.status import StreamState, describe_stream
 from sidechain.tui.widgets import InfoLine, NoteMessage, StreamingMarkdown, UserMessage
 
@@ -274,9 +274,18 @@ async def test_inject_adds_the_btw_exchange_as_a_visible_note() -> None:
             await wait_for(pilot, lambda: app.conversation_pane.query(NoteMessage), "the note")
             note = app.conversation_pane.query_one(NoteMessage)
             assert "what is 2 + 2?" in note.text and answer.strip() in note.text
-            history = await app.conversation.history()  # type: ignore[union-attr]
-            user = [m["text"] for m in history["messages"] if m["role"] == "user"]
-            assert len(user) == 1 and user[0].startswith(NOTE_PREFIX) and question in user[0]
+            assert app.conversation is not None
+            cid = app.conversation.id
+            history = await app.conversation.history()
+            assert [m["role"] for m in history["messages"]] == ["note"], "a note, and no turn ran for it"
+            assert question in history["messages"][0]["text"]
+            assert history["active_turn"] is None and history["queued_turns"] == []
+
+        # attached again, the note is in the history that is shown
+        again = ChatApp(gw.url, conversation_id=cid)
+        async with again.run_test(size=SIZE) as pilot:
+            await wait_for(pilot, lambda: again.conversation_pane.query(NoteMessage), "the note, shown again")
+            assert question in again.conversation_pane.query_one(NoteMessage).text
 
 
 async def test_status_bar_shows_reconnecting_while_the_gateway_restarts() -> None:

@@ -74,6 +74,15 @@ class Conversation:
         self.last_turn_id = turn_id
         return turn_id
 
+    async def add_note(self, text: str) -> str:
+        """Add a note to the conversation's history (no turn runs for it; later turns and btws see it);
+        returns its id. Everyone following the event stream gets ``note.created``."""
+        result = await self.http.request_json("POST", f"{self._path}/notes", {"text": text})
+        note_id = result.get("note_id") if isinstance(result, dict) else None
+        if not isinstance(note_id, str):
+            raise ProtocolError(f"unexpected answer to a note: {result!r}", rule="json")
+        return note_id
+
     def events(self, *, last_event_id: str | None = None, **options: Any) -> EventStreamClient:
         """The conversation's event stream (``async with conv.events() as events: ...``)."""
         return EventStreamClient(

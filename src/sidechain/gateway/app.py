@@ -63,6 +63,10 @@ class MessageBody(msgspec.Struct):
     queue: bool = False
 
 
+class NoteBody(msgspec.Struct):
+    text: str
+
+
 class BtwBody(msgspec.Struct):
     question: str
     thread_id: str | None = None
@@ -251,6 +255,16 @@ async def post_message(request: Request) -> Response:
     return JSONResponse({"turn_id": turn.id, "queued": queued}, status_code=202)
 
 
+async def post_note(request: Request) -> Response:
+    gw = _gateway(request)
+    conv = await gw.conversation(request.path_params["cid"])
+    body = await read_json(request, NoteBody, gw.config.max_body_bytes)
+    _text_limit(body.text, gw.config.max_message_chars, "text", "message_too_long")
+    note = conv.add_note(body.text)
+    await gw.log.flush()
+    return JSONResponse({"note_id": note.id}, status_code=201)
+
+
 async def cancel_turn(request: Request) -> Response:
     gw = _gateway(request)
     conv = await gw.conversation(request.path_params["cid"])
@@ -371,6 +385,7 @@ def create_app(config: GatewayConfig, *, gateway: Gateway | None = None) -> Star
         Route("/v1/conversations", create_conversation, methods=["POST"]),
         Route(cid, get_conversation, methods=["GET"]),
         Route(cid + "/messages", post_message, methods=["POST"]),
+        Route(cid + "/notes", post_note, methods=["POST"]),
         Route(cid + "/events", events, methods=["GET"]),
         Route(cid + "/turns/{turn_id}/cancel", cancel_turn, methods=["POST"]),
         Route(cid + "/btw", post_btw, methods=["POST"]),

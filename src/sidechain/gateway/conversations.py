@@ -50,6 +50,16 @@ def new_turn_id() -> str:
     return "turn_" + secrets.token_hex(8)
 
 
+def note_message(text: str) -> ChatMessage:
+    """How a note reaches a model: a user message that says it is a note, not a request."""
+    return ChatMessage("user", f"[A note added to this conversation, not a request to answer]\n{text}")
+
+
+def new_note_id() -> str:
+    """A fresh note id (64 random bits; unique within a conversation)."""
+    return "note_" + secrets.token_hex(8)
+
+
 class Turn:
     """One user message and the answer to it. Owned by its :class:`Conversation`."""
 
@@ -78,7 +88,11 @@ class Turn:
 
     @property
     def finished(self) -> bool:
-        return self.state in (TurnState.COMPLETED, TurnState.FAILED)
+        return self.state in (TurnState.COMPLETED, TurnState.FAILED, TurnState.NOTE)
+
+    @property
+    def is_note(self) -> bool:
+        return self.state == TurnState.NOTE
 
     def record(self) -> TurnRecord:
         return TurnRecord(self.id, self.seq, self.user_text, self.state, self.assistant_text, self.error_type)
@@ -216,6 +230,9 @@ class Conversation:
         """The ``GET /v1/conversations/{id}`` body."""
         messages: list[dict[str, Any]] = []
         for t in self.turns:
+            if t.is_note:
+                messages.append({"role": "note", "text": t.user_text, "note_id": t.id})
+                continue
             messages.append({"role": "user", "text": t.user_text, "turn_id": t.id})
             if t.state == TurnState.COMPLETED and t.assistant_text is not None:
                 messages.append({"role": "assistant", "text": t.assistant_text, "turn_id": t.id})
@@ -274,6 +291,21 @@ class Conversation:
                 self._work(), name=f"sidechain-turns-{self.id}"
             )
         return turn
+
+    def add_note(self, text: str) -> Turn:
+        """Add a note to the history, after everything posted so far (a queued turn included): no turn
+        runs for it; later turns and btws see it in their context. Emits ``note.created``.
+
+        Raises ``ServiceUnavailable`` while closing.
+        """
+        if self._closing:
+            raise ServiceUnavailable("shutting_down", "the gateway is shutting down")
+        note = Turn(new_note_id(), len(self.turns) + 1, text, state=TurnState.NOTE)
+        self.turns.append(note)
+        self._by_id[note.id] = note
+        self.gateway.log.save_turn(self.id, note.record())
+        self.emit("note.created", {"note_id": note.id, "text": text})
+        return note
 
     async def cancel_turn(self, turn_id: str) -> Turn:
         """Cancel a queued or running turn; returns once it ended with ``turn.failed`` (``cancelled``).
@@ -382,6 +414,9 @@ class Conversation:
         for t in self.turns:
             if t.seq >= turn.seq:
                 break
+            if t.is_note:
+                messages.append(note_message(t.user_text))
+                continue
             messages.append(ChatMessage("user", t.user_text))
             if t.state == TurnState.COMPLETED and t.assistant_text is not None:
                 messages.append(ChatMessage("assistant", t.assistant_text))
@@ -400,6 +435,9 @@ class Conversation:
         started = [t for t in self.turns if t.state != TurnState.QUEUED]
         partial: str | None = None
         for t in started:
+            if t.is_note:
+                messages.append(note_message(t.user_text))
+                continue
             messages.append(ChatMessage("user", t.user_text))
             if t.state == TurnState.COMPLETED and t.assistant_text is not None:
                 messages.append(ChatMessage("assistant", t.assistant_text))
@@ -411,9 +449,10 @@ class Conversation:
             messages.append(ChatMessage("user", q))
             messages.append(ChatMessage("assistant", a))
         messages.append(ChatMessage("user", question))
+        turns = [t for t in started if not t.is_note]
         snapshot = Snapshot(
-            turn_count=len(started),
-            last_user_message=started[-1].user_text if started else None,
+            turn_count=len(turns),
+            last_user_message=turns[-1].user_text if turns else None,
             partial_answer=partial,
             thread_questions=tuple(q for q, _ in thread.exchanges),
         )

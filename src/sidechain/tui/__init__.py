@@ -5,6 +5,6 @@
 
 from __future__ import annotations
 
-from .app import NOTE_PREFIX, ChatApp, format_note, run_tui
+from .app import ChatApp, format_note, run_tui
 
-__all__ = ["NOTE_PREFIX", "ChatApp", "format_note", "run_tui"]
+__all__ = ["ChatApp", "format_note", "run_tui"]

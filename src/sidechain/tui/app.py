@@ -37,11 +37,7 @@ from .widgets import (
     UserMessage,
 )
 
-__all__ = ["NOTE_PREFIX", "ChatApp", "format_note", "run_tui"]
-
-#: How a btw exchange added with ``/inject`` starts (the gateway has no notes endpoint: it is sent as a
-#: user message, and the app shows such messages as notes).
-NOTE_PREFIX = "Note from a side question:"
+__all__ = ["ChatApp", "format_note", "run_tui"]
 
 HELP = """\
 TEXT sends a message (a main turn)
@@ -52,8 +48,8 @@ ctrl+c cancels the running main turn, ctrl+q quits"""
 
 
 def format_note(question: str, answer: str) -> str:
-    """The user message that ``/inject`` sends for a btw exchange."""
-    return f"{NOTE_PREFIX}\n\n**Q:** {question.strip()}\n\n**A:** {answer.strip()}"
+    """The note that ``/inject`` adds to the conversation for a btw exchange."""
+    return f"**Q:** {question.strip()}\n\n**A:** {answer.strip()}"
 
 
 def _short(conversation_id: str) -> str:
@@ -231,8 +227,11 @@ class ChatApp(App[None]):
         """Show the messages of ``GET /v1/conversations/{id}``, and the answer in progress if any."""
         for message in history.get("messages", []):
             text = str(message.get("text", ""))
-            if message.get("role") == "user":
-                self._mount(self._user_widget(text))
+            role = message.get("role")
+            if role == "user":
+                self._mount(UserMessage(text))
+            elif role == "note":
+                self._mount(NoteMessage(text))
             else:
                 self._mount(StreamingMarkdown(text))
         active = history.get("active_turn")
@@ -255,7 +254,9 @@ class ChatApp(App[None]):
         turn = data.get("turn_id")
         turn_id = turn if isinstance(turn, str) else ""
         if kind == "message.created":
-            self._mount(self._user_widget(str(data.get("text", ""))))
+            self._mount(UserMessage(str(data.get("text", ""))))
+        elif kind == "note.created":
+            self._mount(NoteMessage(str(data.get("text", ""))))
         elif kind == "turn.started":
             self._answer_widget(turn_id)
             self.turn_id = turn_id
@@ -289,12 +290,6 @@ class ChatApp(App[None]):
             answer = self.answers[turn_id] = StreamingMarkdown(streaming=True)
             self._mount(answer)
         return answer
-
-    @staticmethod
-    def _user_widget(text: str) -> Widget:
-        if text.startswith(NOTE_PREFIX):
-            return NoteMessage(text[len(NOTE_PREFIX):].strip())
-        return UserMessage(text)
 
     def _mount(self, widget: Widget) -> None:
         if self.conversation_pane.is_attached:
@@ -349,15 +344,26 @@ class ChatApp(App[None]):
             self.notify(f"message not sent: {exc}", severity="error")
 
     def inject(self) -> None:
-        """``/inject``: send the last completed btw exchange to the main conversation as a note.
+        """``/inject``: add the last completed btw exchange to the main conversation as a note.
 
-        The gateway has no notes endpoint, so it is a user message starting with :data:`NOTE_PREFIX`
-        (queued behind a running turn); the model answers it like any message.
+        The note joins the history (it shows when the event stream reports it); no turn runs for it,
+        and later turns see it in their context. A running turn is not disturbed.
         """
         if self.last_exchange is None:
             self.notify("no btw answer to inject yet", severity="warning")
             return
-        self.send(format_note(*self.last_exchange), queue=True)
+        if self.conversation is None:
+            self.notify("not connected yet", severity="warning")
+            return
+        self.run_worker(self._add_note(self.conversation, format_note(*self.last_exchange)), group="send")
+
+    async def _add_note(self, conversation: Conversation, text: str) -> None:
+        try:
+            await conversation.add_note(text)
+        except HTTPStatusError as exc:
+            self.notify(f"note refused: HTTP {exc.status} {exc.body[:200]}", severity="error")
+        except SidechainError as exc:
+            self.notify(f"note not added: {exc}", severity="error")
 
     # -- btw -----------------------------------------------------------------------------------------
 

@@ -33,12 +33,16 @@ class StoredEvent(msgspec.Struct, frozen=True, gc=False):
 
 
 class TurnState:
-    """The states a turn moves through: queued → running → completed | failed (or queued → failed)."""
+    """The states a turn moves through: queued → running → completed | failed (or queued → failed).
+
+    A note (``POST .../notes``) is stored in the same sequence as the turns, with the state ``note``:
+    part of the history, never run."""
 
     QUEUED = "queued"
     RUNNING = "running"
     COMPLETED = "completed"
     FAILED = "failed"
+    NOTE = "note"
     UNFINISHED = (QUEUED, RUNNING)
 
 
