@@ -61,6 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--keepalive", type=float, default=None, help="seconds between keepalive comments")
     srv.add_argument("--btw-grace", type=float, default=None, help="seconds a btw outlives its reader")
     srv.add_argument("--retention", type=int, default=None, help="events kept per conversation")
+    srv.add_argument("--conversation-idle-evict", type=float, default=None, metavar="SECONDS",
+                     help="drop a conversation unused this long from memory (reloaded on use; 0: never)")
     srv.add_argument("--cors-origin", action="append", default=[], help="allow this origin (repeatable)")
     srv.add_argument("--no-access-log", action="store_true", help="do not log one line per request")
     srv.set_defaults(func=_cmd_serve)

@@ -162,6 +162,10 @@ class BtwRegistry:
     def by_key(self, conversation_id: str, key: str) -> Btw | None:
         return self._keys.get((conversation_id, key))
 
+    def conversations_in_use(self) -> set[str]:
+        """Conversations with a btw that is running or still kept (its thread must stay reachable)."""
+        return {b.conversation_id for b in self._btws.values()}
+
     def active_count(self, conversation_id: str) -> int:
         return sum(1 for b in self._btws.values() if b.conversation_id == conversation_id and not b.finished)
 

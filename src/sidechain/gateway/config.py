@@ -71,6 +71,10 @@ class GatewayConfig:
     retry_ms: int = 2_000
     #: Origins allowed by CORS; empty means CORS is off.
     cors_origins: tuple[str, ...] = ()
+    #: Seconds a loaded conversation may stay unused (no request, no open stream, no turn or btw running)
+    #: before it is dropped from memory; it is loaded again from the store when next asked for. Its btw
+    #: threads, which live in memory only, go with it. 0 keeps every conversation loaded.
+    conversation_idle_evict: float = 900.0
     #: Seconds to wait for open streams to take their ``gateway.shutdown`` event on shutdown.
     shutdown_grace: float = 5.0
     #: Upstream (openai) connect timeout, seconds.
@@ -115,6 +119,7 @@ class GatewayConfig:
             "max_queued_turns": self.max_queued_turns,
             "slow_consumer_grace": self.slow_consumer_grace,
             "shutdown_grace": self.shutdown_grace,
+            "conversation_idle_evict": self.conversation_idle_evict,
         }.items():
             if value < 0:
                 raise ValueError(f"{name} must not be negative, got {value!r}")

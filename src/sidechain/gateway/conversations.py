@@ -218,6 +218,8 @@ class Conversation:
         self.ring = EventRing(gateway.config.subscriber_queue + 64, record.last_event_id)
         self.subscribers: set[Subscription] = set()
         self.threads: dict[str, BtwThread] = {}
+        #: Loop time of the last request that used this conversation (see :meth:`Gateway.evict_idle`).
+        self.last_used = asyncio.get_running_loop().time()
 
     # -- reading -----------------------------------------------------------------------------------
 
@@ -252,6 +254,17 @@ class Conversation:
     def busy(self) -> bool:
         """Whether a turn is running or queued (a new message would have to queue)."""
         return self.active is not None or bool(self._queue)
+
+    def idle_since(self, now: float) -> float | None:
+        """Seconds this conversation has been unused at loop time ``now``, or None while anything
+        holds it: an open event stream, a running or queued turn, its worker, events not yet durable."""
+        if self.subscribers or self.busy or self._closing:
+            return None
+        if self._worker is not None and not self._worker.done():
+            return None
+        if self._assigned_id != self.last_event_id:
+            return None
+        return now - self.last_used
 
     def turn(self, turn_id: str) -> Turn:
         turn = self._by_id.get(turn_id)

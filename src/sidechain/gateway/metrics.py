@@ -10,6 +10,7 @@ _HELP: dict[str, tuple[str, str]] = {
     "turns_active": ("gauge", "Main turns currently generating."),
     "btws_active": ("gauge", "btw answers currently generating."),
     "conversations_loaded": ("gauge", "Conversations held in memory."),
+    "conversations_evicted_total": ("counter", "Idle conversations dropped from memory (reloaded on use)."),
     "events_written_total": ("counter", "Events appended to the conversation event logs."),
     "resumes_total": ("counter", "Streams resumed with Last-Event-ID (event streams and btws)."),
     "client_disconnects_total": ("counter", "Streams that ended because the client went away."),
@@ -36,6 +37,7 @@ class Metrics:
     turns_active: int
     btws_active: int
     conversations_loaded: int
+    conversations_evicted_total: int
     events_written_total: int
     resumes_total: int
     client_disconnects_total: int

@@ -141,6 +141,8 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
         config = config.replace(btw_grace=args.btw_grace)
     if args.retention is not None:
         config = config.replace(retention=args.retention)
+    if getattr(args, "conversation_idle_evict", None) is not None:
+        config = config.replace(conversation_idle_evict=args.conversation_idle_evict)
     if args.cors_origin:
         config = config.replace(cors_origins=tuple(args.cors_origin))
     return config

@@ -156,12 +156,19 @@ class Gateway:
         """Flag and wake every subscription that wrote nothing for ``keepalive_interval`` seconds.
 
         Ticks four times per interval, so a keepalive goes out between 1 and 1.25 intervals of silence.
+        Also drops idle conversations (:meth:`evict_idle`) every ``conversation_idle_evict / 4``
+        seconds, at most every 60 s.
         """
         loop = asyncio.get_running_loop()
         interval = self.config.keepalive_interval
+        evict_every = min(60.0, self.config.conversation_idle_evict / 4)
+        next_eviction = loop.time() + evict_every
         while True:
             await asyncio.sleep(interval / 4)
             now = loop.time()
+            if now >= next_eviction:
+                self.evict_idle(now)
+                next_eviction = now + evict_every
             for sub in self.subscriptions:
                 if not sub.keepalive_due and now - sub.last_write >= interval:
                     sub.keepalive_due = True
@@ -204,7 +211,27 @@ class Gateway:
             conv = await self._load(conversation_id)
             if conv is None:
                 raise NotFound("conversation_not_found", f"no conversation {conversation_id!r}")
+        conv.last_used = asyncio.get_running_loop().time()
         return conv
+
+    def evict_idle(self, now: float | None = None) -> int:
+        """Drop the conversations unused for ``conversation_idle_evict`` seconds (at loop time ``now``)
+        from memory; returns how many. One is never dropped while it has an open event stream, a
+        running or queued turn, or a btw (running, or kept for resumes); everything else is in the store
+        and is loaded again on the next request. Run by the keepalive ticker."""
+        limit = self.config.conversation_idle_evict
+        if limit <= 0 or not self._convs:
+            return 0
+        now = asyncio.get_running_loop().time() if now is None else now
+        in_use = self.btws.conversations_in_use()
+        idle = [cid for cid, conv in self._convs.items()
+                if cid not in in_use and (since := conv.idle_since(now)) is not None and since >= limit]
+        for cid in idle:
+            del self._convs[cid]
+        if idle:
+            self.metrics.conversations_loaded = len(self._convs)
+            self.metrics.conversations_evicted_total += len(idle)
+        return len(idle)
 
     async def _load(self, conversation_id: str) -> Conversation | None:
         if not _CONVERSATION_ID.match(conversation_id):

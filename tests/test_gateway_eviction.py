@@ -1,0 +1,94 @@
+"""Idle conversations are dropped from memory and loaded again from the store, with nothing lost."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from gateway_helpers import SSEReader, create_conversation, data, get_json, post_message
+from sidechain.gateway.testing import RunningGateway, running_gateway
+
+LATER = 10_000.0  # seconds added to the loop time: "long after", without waiting for it
+
+
+@pytest.fixture
+async def session() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as s:
+        yield s
+
+
+def far_future() -> float:
+    return asyncio.get_running_loop().time() + LATER
+
+
+async def finished_turn(gw: RunningGateway, session: aiohttp.ClientSession, cid: str, text: str) -> None:
+    url = f"{gw.url}/v1/conversations/{cid}"
+    newest = (await get_json(session, url))["last_event_id"]
+    async with session.get(f"{url}/events", headers={"Last-Event-ID": newest}) as resp:
+        reader = SSEReader(resp)
+        await post_message(session, gw.url, cid, text)
+        await reader.until("turn.completed")
+
+
+@pytest.mark.parametrize("store", ["memory", "sqlite"])
+async def test_idle_conversation_is_evicted_and_reloaded_intact(
+    store: str, tmp_path: Path, session: aiohttp.ClientSession
+) -> None:
+    spec = "memory" if store == "memory" else f"sqlite:{tmp_path / 'gw.sqlite3'}"
+    async with running_gateway(store=spec, echo_pace=0, btw_grace=0) as gw:
+        cid = await create_conversation(session, gw.url)
+        await finished_turn(gw, session, cid, "first")
+        async with session.post(f"{gw.url}/v1/conversations/{cid}/notes", json={"text": "a note"}) as r:
+            assert r.status == 201
+        before = await get_json(session, f"{gw.url}/v1/conversations/{cid}")
+        assert gw.gateway.evict_idle() == 0, "just used: not idle"
+        assert gw.gateway.evict_idle(far_future()) == 1
+        metrics = gw.gateway.metrics
+        assert metrics.conversations_loaded == 0 and metrics.conversations_evicted_total == 1
+
+        after = await get_json(session, f"{gw.url}/v1/conversations/{cid}")  # loaded again
+        assert after == before
+        assert metrics.conversations_loaded == 1
+        await finished_turn(gw, session, cid, "second")
+        async with session.get(f"{gw.url}/v1/conversations/{cid}/events",
+                               headers={"Last-Event-ID": "0"}) as resp:
+            reader = SSEReader(resp)
+            events = await reader.until("turn.completed")
+            events += await reader.until("turn.completed")
+        assert [int(e.id) for e in events] == list(range(1, len(events) + 1)), "ids continue, none twice"
+        texts = [data(e)["text"] for e in events if e.event == "message.created"]
+        assert texts == ["first", "second"]
+
+
+async def test_conversation_in_use_is_never_evicted(session: aiohttp.ClientSession) -> None:
+    async with running_gateway(echo_pace=20) as gw:
+        cid = await create_conversation(session, gw.url)
+        # an open event stream holds it
+        async with session.get(f"{gw.url}/v1/conversations/{cid}/events") as resp:
+            reader = SSEReader(resp)
+            turn = await post_message(session, gw.url, cid, "a long enough message to keep the turn running")
+            await reader.until("message.delta")
+            assert gw.gateway.evict_idle(far_future()) == 0
+        # a running turn holds it (the stream is closed now)
+        assert gw.gateway.evict_idle(far_future()) == 0
+        async with session.post(f"{gw.url}/v1/conversations/{cid}/turns/{turn['turn_id']}/cancel") as r:
+            assert r.status == 202
+        # a btw kept for resumes (btw_grace) holds it: its thread must stay reachable
+        async with session.post(f"{gw.url}/v1/conversations/{cid}/btw", json={"question": "side?"}) as r:
+            body = await SSEReader(r).rest()
+        assert body[-1].event == "btw.completed"
+        assert gw.gateway.evict_idle(far_future()) == 0
+        assert gw.gateway.metrics.conversations_evicted_total == 0
+
+
+async def test_eviction_off_and_config_checked() -> None:
+    async with running_gateway(conversation_idle_evict=0) as gw:
+        await gw.gateway.create_conversation()
+        assert gw.gateway.evict_idle(far_future()) == 0
+    with pytest.raises(ValueError, match="conversation_idle_evict"):
+        async with running_gateway(conversation_idle_evict=-1):
+            pass
