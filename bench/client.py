@@ -33,8 +33,11 @@ each round; the median events/s is reported, with the ratio sidechain / fastest 
 Time to first event: sequential short streams (5 events each), from the call to the first event,
 for sidechain with a dedicated session per call (its default) vs one pooled ``Session``, aiohttp with
 a fresh ``ClientSession`` per call vs one pooled (first event = ``content.readuntil(b"\\n\\n")``) and
-httpx (+ httpx-sse) with a fresh ``AsyncClient`` per call vs one pooled. Variants are interleaved in
-blocks. Reported: median and p99 ms, and the ratio dedicated / pooled (target for sidechain <= 1.5x).
+httpx (+ httpx-sse) with a fresh ``AsyncClient`` per call vs one pooled, and the floor: raw asyncio
+streams writing the request bytes and reading up to the first event, on a new connection per call vs
+one kept-alive connection (what a new TCP connection costs, with no HTTP library). Variants are
+interleaved in blocks. Reported: median and p99 ms, and the ratio dedicated / pooled (target for
+sidechain <= 1.5x).
 
 Usage::
 
@@ -308,6 +311,11 @@ class TTFEVariants:
         self.sc_pool: Any = None
         self.aio_pool: Any = None
         self.httpx_pool: Any = None
+        self.raw_conn: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
+        body = json.dumps(BODY).encode()
+        host = base.split("://", 1)[1]
+        self.raw_request = (f"POST {self.path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+                            f"Content-Length: {len(body)}\r\n\r\n").encode() + body
 
     async def open(self) -> None:
         import aiohttp
@@ -323,6 +331,40 @@ class TTFEVariants:
         await self.sc_pool.aclose()
         await self.aio_pool.close()
         await self.httpx_pool.aclose()
+        if self.raw_conn is not None:
+            self.raw_conn[1].close()
+            await self.raw_conn[1].wait_closed()
+
+    async def _raw(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, t0: float) -> float:
+        """One request on a raw asyncio stream: the first event, then the body up to its last chunk."""
+        writer.write(self.raw_request)
+        head = await reader.readuntil(b"\n\n")  # the headers end in \r\n\r\n: this is the first event's end
+        first = time.perf_counter() - t0
+        if not head.startswith(b"HTTP/1.1 200") or b"\r\n\r\n" not in head:
+            raise AssertionError("raw short stream: unexpected head")
+        rest = await reader.readuntil(b"\r\n0\r\n\r\n")
+        if rest.count(b"\n\n") != SHORT_N - 1:
+            raise AssertionError("raw short stream: wrong number of events")
+        return first
+
+    async def raw_new(self) -> tuple[float, float]:
+        t0 = time.perf_counter()
+        host, port = self.base.split("://", 1)[1].rsplit(":", 1)
+        reader, writer = await asyncio.open_connection(host, int(port))
+        try:
+            first = await self._raw(reader, writer, t0)
+        finally:
+            writer.close()
+            await writer.wait_closed()
+        return first, time.perf_counter() - t0
+
+    async def raw_kept(self) -> tuple[float, float]:
+        t0 = time.perf_counter()
+        if self.raw_conn is None:
+            host, port = self.base.split("://", 1)[1].rsplit(":", 1)
+            self.raw_conn = await asyncio.open_connection(host, int(port))
+        first = await self._raw(*self.raw_conn, t0)
+        return first, time.perf_counter() - t0
 
     async def _sidechain(self, session: Any) -> tuple[float, float]:
         t0 = time.perf_counter()
@@ -402,6 +444,9 @@ TTFE_VARIANTS = (
     ("aiohttp pooled ClientSession", "aiohttp_pooled", "aiohttp", False),
     ("httpx-sse fresh AsyncClient", "httpx_fresh", "httpx", True),
     ("httpx-sse pooled AsyncClient", "httpx_pooled", "httpx", False),
+    # the floor: raw asyncio streams, no HTTP library and no SSE parsing (what a new TCP connection costs)
+    ("raw asyncio, new connection per call", "raw_new", "raw asyncio", True),
+    ("raw asyncio, one kept-alive connection", "raw_kept", "raw asyncio", False),
 )
 
 
@@ -491,7 +536,7 @@ def report(tp: dict[str, dict[str, list[float]]], tt: dict[str, dict[str, Any]],
               f"| {row['total_median_ms']:.3f} |")
     print("\n| library | dedicated/fresh ÷ pooled, median | p99 | target |")
     print("| --- | ---: | ---: | --- |")
-    for lib in ("sidechain", "aiohttp", "httpx"):
+    for lib in ("sidechain", "aiohttp", "httpx", "raw asyncio"):
         fresh = next(v[0] for v in TTFE_VARIANTS if v[2] == lib and v[3])
         pooled = next(v[0] for v in TTFE_VARIANTS if v[2] == lib and not v[3])
         r_med = figures["ttfe"][fresh]["median_ms"] / figures["ttfe"][pooled]["median_ms"]
