@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import subprocess
 import sys
@@ -38,6 +39,18 @@ async def settle_resources(before: Resources, *, within: float = 1.0) -> Resourc
         if (now.fds <= before.fds and now.tasks <= before.tasks) or loop.time() > deadline:
             return now
         await asyncio.sleep(0.005)
+
+
+def library_garbage() -> dict[str, int]:
+    """Types from sidechain, aiohttp and their helpers among the objects the collector found in cycles
+    (``gc.garbage`` under ``gc.DEBUG_SAVEALL``), counted by name."""
+    found: dict[str, int] = {}
+    for obj in gc.garbage:
+        module = type(obj).__module__ or ""
+        if module.split(".")[0] in ("sidechain", "aiohttp", "multidict", "yarl"):
+            name = f"{module}.{type(obj).__qualname__}"
+            found[name] = found.get(name, 0) + 1
+    return found
 
 
 @pytest.fixture(scope="session")

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from conftest import Resources, settle_resources
+from conftest import Resources, library_garbage, settle_resources
 from sidechain import (
     ConnectError,
     EventStream,
@@ -466,17 +466,6 @@ async def test_protocol_error_keeps_events_before_it(fault_server: str) -> None:
 # -- no reference cycles: a finished call is freed by reference counting, not by the collector ---------
 
 
-def _library_garbage() -> dict[str, int]:
-    """Types from sidechain, aiohttp and their helpers among the objects the collector found in cycles."""
-    found: dict[str, int] = {}
-    for obj in gc.garbage:
-        module = type(obj).__module__ or ""
-        if module.split(".")[0] in ("sidechain", "aiohttp", "multidict", "yarl"):
-            name = f"{module}.{type(obj).__qualname__}"
-            found[name] = found.get(name, 0) + 1
-    return found
-
-
 async def test_finished_calls_leave_no_reference_cycles(fault_server: str) -> None:
     """Completion, ``break``, a dropped connection raised as ``ReadError``, an HTTP error, cancellation,
     a retry with resume (dedicated or pooled session) and a session closed under its reader: the call's
@@ -535,7 +524,7 @@ async def test_finished_calls_leave_no_reference_cycles(fault_server: str) -> No
         await scenarios()
         await settle_resources(before)  # connections finish closing (connection_lost ran)
         gc.collect()
-        leftover = _library_garbage()
+        leftover = library_garbage()
     finally:
         gc.set_debug(0)
         gc.garbage.clear()

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import socket
 import uuid
 
 import pytest
 
-from conftest import Resources, settle_resources
+from conftest import Resources, library_garbage, settle_resources
 from sidechain import EventStreamClient, Fault, HTTPStatusError, ProtocolError, ReadError
 from sidechain.client import StreamEnded
 from sidechain.errors import IdleTimeout
@@ -184,3 +185,31 @@ async def test_buffer_never_holds_more_than_buffer_items(fault_server: str) -> N
                 break
     assert ids == [str(i) for i in range(301)]
     assert peak == 8, f"the buffer held {peak} items with buffer_items=8"
+
+
+async def test_closed_client_leaves_no_reference_cycles(fault_server: str) -> None:
+    """After ``aclose`` (also after a drop and a resume) the client, its watchdog, streams and
+    responses are freed by reference counting, not left for the garbage collector."""
+    url = f"{fault_server}/s?n=30&fault=rst&at=5&retry=10"
+
+    async def follow(tag: str) -> None:
+        async with EventStreamClient(f"{url}&u={tag}", idle_timeout=30) as client:
+            async for event in client:
+                if event.event == "done":
+                    break
+
+    await follow(fresh())  # warm-up
+    before = Resources.now()
+    gc.collect()
+    gc.disable()
+    gc.set_debug(gc.DEBUG_SAVEALL)
+    try:
+        await follow(fresh())
+        await settle_resources(before)
+        gc.collect()
+        leftover = library_garbage()
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+        gc.enable()
+    assert leftover == {}, f"reference cycles left by a closed EventStreamClient: {leftover}"

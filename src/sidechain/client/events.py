@@ -184,6 +184,9 @@ class EventStreamClient:
     def closed(self) -> bool:
         return self._closed
 
+    def _on_stall(self, deadline: str) -> None:
+        self._emit("stall", deadline=deadline)
+
     @property
     def buffered(self) -> int:
         """Items received and waiting for the iterators (never more than ``buffer_items``)."""
@@ -329,18 +332,23 @@ class EventStreamClient:
         self._set_status("open")
         self._emit("first_byte", status=response.status)
         watchdog = self._watchdog = Watchdog(loop, idle=self.idle_timeout, deadline=None,
-                                             on_stall=lambda name: self._emit("stall", deadline=name))
+                                             on_stall=self._on_stall)
         watchdog.watch(stream)
         decoder = self._decoder
-        while True:
-            chunk = await stream.read()
-            if not chunk:
-                return False  # clean end: EventSource reconnects
-            items: list[Any] = decoder.feed(chunk)
-            if items:
-                if any(isinstance(i, Event) for i in items):
-                    watchdog.event()
-                await self._put(items)
+        try:
+            while True:
+                chunk = await stream.read()
+                if not chunk:
+                    return False  # clean end: EventSource reconnects
+                items: list[Any] = decoder.feed(chunk)
+                if items:
+                    if any(isinstance(i, Event) for i in items):
+                        watchdog.event()
+                    await self._put(items)
+        finally:
+            # an error raised from here keeps this frame: without these locals the frame does not lead
+            # back to the stream, which keeps the error (a reference cycle)
+            stream = response = None  # type: ignore[assignment]
 
     def _reconnect_delay(self, error: BaseException) -> float:
         if isinstance(error, HTTPStatusError):
