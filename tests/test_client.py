@@ -492,6 +492,10 @@ async def test_finished_calls_leave_no_reference_cycles(fault_server: str) -> No
             with pytest.raises(HTTPStatusError):
                 async with client.stream_post("/s?fault=status_always&code=404", {}, session=session) as s:
                     await collect(s)
+            with pytest.raises(HTTPStatusError):  # with retry: given up at once, through the policy
+                async with client.stream_post_with_retry("/s?fault=status_always&code=404", {},
+                                                         session=session) as s:
+                    await collect(s)
             async with client.stream_post_with_retry(f"/s?n=20&fault=fin&at=5&u={tag}", {}, session=session,
                                                      expect_terminal={"done"}) as s:
                 assert len(await collect(s)) == 21

@@ -240,7 +240,9 @@ class EventStream:
             if delay > 0:
                 await asyncio.sleep(delay)
         finally:
-            del exc  # raised from here, it would reach itself through this frame: a reference cycle
+            # raised from here, the error would reach itself through this frame (directly, or through
+            # the decision that carries it): a reference cycle
+            exc = decision = None  # type: ignore[assignment]
 
     async def _next_slow(self) -> Event:
         while True:
