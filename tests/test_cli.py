@@ -30,7 +30,8 @@ async def run_cli(*args: str, stdin: bytes = b"", env: dict[str, str] | None = N
 
 
 async def test_chat_line_mode_json_streams_turn_and_btw() -> None:
-    async with running_gateway(echo_pace=80) as gw:
+    # the main answer (~20 words) must outlast the btw's first delta even on a busy machine
+    async with running_gateway(echo_pace=20) as gw:
         code, out, err = await run_cli(
             "chat", "--line", "--json", "--url", gw.url,
             stdin=b"tell me something long enough to ask a side question\n/btw what did I ask?\n",

@@ -116,7 +116,8 @@ async def test_main_turn_renders_progressively() -> None:
 
 
 async def test_btw_streams_while_main_turn_continues_and_follow_up_continues_thread() -> None:
-    async with running_gateway(echo_pace=30) as gw:
+    # the main answer (~70 words) must outlast the btw's first 40 characters even on a busy machine
+    async with running_gateway(echo_pace=15) as gw:
         app = ChatApp(gw.url)
         async with app.run_test(size=SIZE) as pilot:
             await connected(app, pilot)
@@ -336,12 +337,14 @@ async def _chat_and_quit_mid_stream(gw: RunningGateway) -> tuple[str, str]:
 
 
 async def test_quitting_mid_stream_releases_every_connection_and_task() -> None:
-    async with running_gateway(echo_pace=30) as gw:
+    # paced so that the main answer (~70 words) still streams when the btw's first delta arrives on a
+    # busy machine (at 30 words/s it once ended first)
+    async with running_gateway(echo_pace=12) as gw:
 
         async def quiet(conversation_id: str) -> None:
             conv = await gw.gateway.conversation(conversation_id)
             loop = asyncio.get_running_loop()
-            deadline = loop.time() + 10
+            deadline = loop.time() + 20
             while conv.busy or gw.gateway.metrics.event_streams_open or gw.gateway.metrics.btw_streams_open:
                 assert loop.time() < deadline, "the gateway did not settle"
                 await asyncio.sleep(0.02)
