@@ -52,6 +52,22 @@ async def test_chat_line_mode_json_streams_turn_and_btw() -> None:
         assert [m["role"] for m in history["messages"]] == ["user", "assistant"]
 
 
+async def test_chat_line_mode_inject_and_note_add_notes_without_turns() -> None:
+    async with running_gateway(echo_pace=0) as gw:
+        code, out, err = await run_cli(
+            "chat", "--line", "--url", gw.url,
+            stdin=b"/inject\n/btw what is this?\n/inject\n/note remember this\n",
+        )
+        assert code == 0, err
+        assert "no btw answer to inject yet" in out
+        conv_id = out.split("conversation ", 1)[1].split()[0]
+        history = await Conversation.attach(gw.url, conv_id).history()
+        notes = [m["text"] for m in history["messages"]]
+        assert [m["role"] for m in history["messages"]] == ["note", "note"], "no turn ran"
+        assert notes[0].startswith("**Q:** what is this?") and "**A:** [offline echo model" in notes[0]
+        assert notes[1] == "remember this"
+
+
 async def test_btw_and_events_commands_with_env_url() -> None:
     async with running_gateway(echo_pace=0) as gw:
         conv = await Conversation.create(gw.url)

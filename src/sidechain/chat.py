@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import IO, Any
 
 from .client import BtwAnswer, Conversation, EventStreamClient
-from .client.btw import decode_payload
+from .client.btw import decode_payload, format_btw_note
 from .client.events import Fault, StreamEnded
 from .errors import HTTPStatusError, RemoteError, SidechainError
 from .sse import Event
@@ -26,6 +26,8 @@ from .sse import Event
 HELP = """commands:
   TEXT              send a message (starts a main turn)
   /btw QUESTION     ask a side question while the main turn streams (follow-ups continue the thread)
+  /inject           add the last btw exchange to the conversation as a note (no turn runs for it)
+  /note TEXT        add a note to the conversation
   /cancel           cancel the running main turn
   /history          print the conversation as the gateway has it
   /quit             leave (Ctrl-D too)
@@ -89,6 +91,10 @@ class ChatSession:
     turn_done: asyncio.Event = field(default_factory=asyncio.Event)
     btw_tasks: set[asyncio.Task[None]] = field(default_factory=set)
     quit_event: asyncio.Event = field(default_factory=asyncio.Event)
+    #: The last completed btw (question, answer), for ``/inject``.
+    last_exchange: tuple[str, str] | None = None
+    #: Events with an id up to this one were in the history when the chat started (not printed again).
+    live_after: int = 0
 
     @property
     def quitting(self) -> bool:
@@ -121,10 +127,14 @@ class ChatSession:
             data = {"raw": event.data}
         if self.json_mode:
             self.emit_json("main", event.event, data)
+        kind = event.event
+        if kind == "note.created":
+            if not self.json_mode and event.id.isdigit() and int(event.id) > self.live_after:
+                self.printer.line("main", f"[note added] {data.get('text', '')}", style="35")
+            return
         turn = data.get("turn_id")
         if turn is not None and turn != self.turn_id:
             return  # history replayed from earlier turns
-        kind = event.event
         if self.json_mode:
             pass
         elif kind == "message.delta":
@@ -154,6 +164,13 @@ class ChatSession:
             self.turn_done.set()
             self.printer.line("main", f"[message refused: HTTP {exc.status} {exc.body[:120]}]", style="31")
 
+    async def add_note(self, text: str) -> None:
+        """Add a note to the conversation (it is printed when the event stream reports it)."""
+        try:
+            await self.conversation.add_note(text)
+        except HTTPStatusError as exc:
+            self.printer.line("main", f"[note refused: HTTP {exc.status} {exc.body[:120]}]", style="31")
+
     async def cancel_turn(self) -> bool:
         if self.turn_id is None:
             return False
@@ -181,6 +198,7 @@ class ChatSession:
                         self.emit_json("btw", "btw.delta", {"delta": delta, "btw_id": answer.btw_id})
                     else:
                         printer.write("btw", delta)
+            self.last_exchange = (question, answer.text)
             if self.json_mode:
                 self.emit_json("btw", "btw.completed",
                                {"btw_id": answer.btw_id, "thread_id": answer.thread_id, "text": answer.text})
@@ -227,6 +245,19 @@ class ChatSession:
                 self.start_btw(question)
             else:
                 self.printer.line("main", "usage: /btw QUESTION")
+        elif line == "/inject":
+            if self.btw_tasks:  # the btw still streaming is the one to keep
+                await asyncio.wait(set(self.btw_tasks))
+            if self.last_exchange is None:
+                self.printer.line("main", "[no btw answer to inject yet]")
+            else:
+                await self.add_note(format_btw_note(*self.last_exchange))
+        elif line.startswith("/note"):
+            text = line[5:].strip()
+            if text:
+                await self.add_note(text)
+            else:
+                self.printer.line("main", "usage: /note TEXT")
         elif line == "/cancel":
             if not await self.cancel_turn():
                 self.printer.line("main", "[no turn is running]")
@@ -259,12 +290,14 @@ async def run_chat(
     """The line-mode chat loop. Returns the process exit code."""
     out = out or sys.stdout
     printer = Printer(out, color=out.isatty() and not json_mode)
+    live_after = 0
     if conversation_id:
         conversation = Conversation.attach(url, conversation_id, token=token)
-        await conversation.history()  # 404 early for an unknown id
+        history = await conversation.history()  # 404 early for an unknown id
+        live_after = int(history.get("last_event_id") or 0)
     else:
         conversation = await Conversation.create(url, token=token)
-    session = ChatSession(conversation, printer, json_mode=json_mode)
+    session = ChatSession(conversation, printer, json_mode=json_mode, live_after=live_after)
     if json_mode:
         session.emit_json("main", "conversation", {"id": conversation.id, "url": url})
     else:

@@ -22,9 +22,14 @@ from ..sse import Event
 from .http import EventStream, GatewayHTTPClient, StreamContext
 from .retry import RetryPolicy
 
-__all__ = ["BtwAnswer", "BtwClient", "decode_payload"]
+__all__ = ["BtwAnswer", "BtwClient", "decode_payload", "format_btw_note"]
 
 BTW_TERMINAL = frozenset({"btw.completed", "error"})
+
+
+def format_btw_note(question: str, answer: str) -> str:
+    """A btw exchange as a note for the main conversation (what ``/inject`` adds; Markdown)."""
+    return f"**Q:** {question.strip()}\n\n**A:** {answer.strip()}"
 
 
 def decode_payload(event: Event) -> dict[str, Any]:

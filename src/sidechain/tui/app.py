@@ -23,7 +23,7 @@ from textual.widgets import Footer, Input
 from textual.worker import Worker
 
 from ..client import BtwAnswer, Conversation, EventStreamClient, Fault, StreamEnded, StreamObservation
-from ..client.btw import decode_payload
+from ..client.btw import decode_payload, format_btw_note
 from ..errors import HTTPStatusError, RemoteError, SidechainError
 from ..sse import Event
 from .status import stream_state
@@ -47,9 +47,7 @@ esc closes the btw panel and cancels its answer
 ctrl+c cancels the running main turn, ctrl+q quits"""
 
 
-def format_note(question: str, answer: str) -> str:
-    """The note that ``/inject`` adds to the conversation for a btw exchange."""
-    return f"**Q:** {question.strip()}\n\n**A:** {answer.strip()}"
+format_note = format_btw_note  # the note ``/inject`` adds for a btw exchange
 
 
 def _short(conversation_id: str) -> str:
