@@ -5,11 +5,12 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
 
-from gateway_helpers import SSEReader, create_conversation, data, get_json, post_message
+from gateway_helpers import SSEReader, create_conversation, data, get_json, post_message, wait_until
 from sidechain.gateway.testing import RunningGateway, running_gateway
 
 LATER = 10_000.0  # seconds added to the loop time: "long after", without waiting for it
@@ -92,3 +93,36 @@ async def test_eviction_off_and_config_checked() -> None:
     with pytest.raises(ValueError, match="conversation_idle_evict"):
         async with running_gateway(conversation_idle_evict=-1):
             pass
+
+
+async def ask_btw(gw: RunningGateway, session: aiohttp.ClientSession, cid: str, question: str,
+                  thread_id: str | None = None) -> dict[str, Any]:
+    body: dict[str, Any] = {"question": question}
+    if thread_id:
+        body["thread_id"] = thread_id
+    async with session.post(f"{gw.url}/v1/conversations/{cid}/btw", json=body) as resp:
+        assert resp.status == 200, await resp.text()
+        events = await SSEReader(resp).rest()
+    assert events[-1].event == "btw.completed", events[-1]
+    result: dict[str, Any] = data(events[-1])
+    return result
+
+
+@pytest.mark.parametrize("how", ["evicted", "restarted"])
+async def test_btw_thread_survives_eviction_and_restart(
+    how: str, tmp_path: Path, session: aiohttp.ClientSession
+) -> None:
+    store = f"sqlite:{tmp_path / 'gw.sqlite3'}" if how == "restarted" else "memory"
+    async with running_gateway(store=store, echo_pace=0, btw_grace=0) as gw:
+        cid = await create_conversation(session, gw.url)
+        first = await ask_btw(gw, session, cid, "what is a btw?")
+        thread = first["thread_id"]
+        if how == "evicted":
+            await wait_until(lambda: not gw.gateway.btws.conversations_in_use(), what="the btw to be freed")
+            assert gw.gateway.evict_idle(far_future()) == 1
+            follow = await ask_btw(gw, session, cid, "and then?", thread)
+    if how == "restarted":
+        async with running_gateway(store=store, echo_pace=0) as gw:
+            follow = await ask_btw(gw, session, cid, "and then?", thread)
+    assert follow["thread_id"] == thread
+    assert 'Earlier in this side thread you asked 1 question, the last was "what is a btw?"' in follow["text"]

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 
 from .errors import Conflict, NotFound, ServiceUnavailable, TooManyRequests
+from .eventlog import ThreadExchange
 from .models.base import ModelError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -43,7 +44,7 @@ _ERROR_MESSAGES = {
 class BtwThread:
     """A chain of btws: each completed question and answer is context for the next one."""
 
-    __slots__ = ("exchanges", "id")
+    __slots__ = ("count", "exchanges", "id")
 
     #: Exchanges kept as context (the oldest are dropped beyond this).
     MAX_EXCHANGES = 50
@@ -51,10 +52,15 @@ class BtwThread:
     def __init__(self, id: str) -> None:
         self.id = id
         self.exchanges: list[tuple[str, str]] = []
+        #: Exchanges ever added (the seq of the newest one).
+        self.count = 0
 
-    def add(self, question: str, answer: str) -> None:
+    def add(self, question: str, answer: str, *, seq: int | None = None) -> int:
+        """Add a completed exchange; returns its seq (1, 2, ... within the thread)."""
+        self.count = self.count + 1 if seq is None else seq
         self.exchanges.append((question, answer))
         del self.exchanges[: -self.MAX_EXCHANGES]
+        return self.count
 
 
 class Btw:
@@ -257,7 +263,8 @@ class BtwRegistry:
                         self._emit(btw, "btw.delta", {"delta": delta})
             text = "".join(btw.parts)
             btw.state = "completed"
-            btw.thread.add(btw.question, text)
+            seq = btw.thread.add(btw.question, text)
+            gw.log.save_exchange(btw.conversation_id, ThreadExchange(btw.thread.id, seq, btw.question, text))
             self._emit(btw, "btw.completed", {"btw_id": btw.id, "thread_id": btw.thread.id, "text": text})
         except asyncio.CancelledError:
             reason = btw.cancel_reason or "cancelled"

@@ -19,12 +19,12 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
+from .btw import BtwThread
 from .errors import Conflict, NotFound, ServiceUnavailable, TooManyRequests
 from .eventlog import ConversationRecord, StoredEvent, TurnRecord, TurnState
 from .models.base import ChatMessage, ModelError, ModelRequest, Snapshot
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .btw import BtwThread
     from .service import Gateway
 
 __all__ = ["Conversation", "EventRing", "Subscription", "Turn"]
@@ -218,6 +218,12 @@ class Conversation:
         self.ring = EventRing(gateway.config.subscriber_queue + 64, record.last_event_id)
         self.subscribers: set[Subscription] = set()
         self.threads: dict[str, BtwThread] = {}
+        if record.exchanges:
+            for x in record.exchanges:  # by thread, in order: the threads survive restarts and eviction
+                thread = self.threads.get(x.thread_id)
+                if thread is None:
+                    thread = self.threads[x.thread_id] = BtwThread(x.thread_id)
+                thread.add(x.question, x.answer, seq=x.seq)
         #: Loop time of the last request that used this conversation (see :meth:`Gateway.evict_idle`).
         self.last_used = asyncio.get_running_loop().time()
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from .base import ConversationRecord, EventLog, EventSink, StoredEvent, TurnRecord, TurnState
+from .base import ConversationRecord, EventLog, EventSink, StoredEvent, ThreadExchange, TurnRecord, TurnState
 from .memory import MemoryEventLog
 from .sqlite import SqliteEventLog
 
@@ -15,6 +15,7 @@ __all__ = [
     "MemoryEventLog",
     "SqliteEventLog",
     "StoredEvent",
+    "ThreadExchange",
     "TurnRecord",
     "TurnState",
     "open_event_log",

@@ -57,13 +57,24 @@ class TurnRecord(msgspec.Struct, frozen=True):
     error_type: str | None = None
 
 
+class ThreadExchange(msgspec.Struct, frozen=True):
+    """One completed btw of a thread, kept as context for the thread's next question."""
+
+    thread_id: str
+    seq: int
+    question: str
+    answer: str
+
+
 class ConversationRecord(msgspec.Struct, frozen=True):
-    """A conversation as loaded from a store: its turns in order and the last event id written."""
+    """A conversation as loaded from a store: its turns in order, the last event id written, and its
+    btw threads' completed exchanges (by thread, in order)."""
 
     id: str
     created_at: float
     turns: list[TurnRecord]
     last_event_id: int
+    exchanges: list[ThreadExchange] = []
 
 
 EventSink = Callable[[Sequence[StoredEvent]], None]
@@ -102,6 +113,10 @@ class EventLog(Protocol):
 
     def append(self, event: StoredEvent) -> None:
         """Enqueue one event; the sink gets it once durable."""
+        ...
+
+    def save_exchange(self, conversation_id: str, exchange: ThreadExchange) -> None:
+        """Enqueue a completed btw of a thread (keyed by thread id and seq)."""
         ...
 
     async def flush(self) -> None:

@@ -4,18 +4,19 @@ from __future__ import annotations
 
 from collections import deque
 
-from .base import ConversationRecord, EventSink, StoredEvent, TurnRecord, TurnState
+from .base import ConversationRecord, EventSink, StoredEvent, ThreadExchange, TurnRecord, TurnState
 
 __all__ = ["MemoryEventLog"]
 
 
 class _Conv:
-    __slots__ = ("created_at", "events", "last_id", "turns")
+    __slots__ = ("created_at", "events", "exchanges", "last_id", "turns")
 
     def __init__(self, created_at: float, retention: int) -> None:
         self.created_at = created_at
         self.events: deque[StoredEvent] = deque(maxlen=retention)
         self.turns: dict[str, TurnRecord] = {}
+        self.exchanges: dict[tuple[str, int], ThreadExchange] = {}
         self.last_id = 0
 
 
@@ -46,6 +47,12 @@ class MemoryEventLog:
         if conv is not None and not self._closed:
             conv.turns[turn.turn_id] = turn
 
+    def save_exchange(self, conversation_id: str, exchange: ThreadExchange) -> None:
+        conv = self._convs.get(conversation_id)
+        if conv is not None and not self._closed:
+            conv.exchanges[(exchange.thread_id, exchange.seq)] = exchange
+            conv.exchanges.pop((exchange.thread_id, exchange.seq - 50), None)  # BtwThread.MAX_EXCHANGES
+
     def append(self, event: StoredEvent) -> None:
         conv = self._convs.get(event.conversation_id)
         if conv is None or self._closed:
@@ -63,7 +70,8 @@ class MemoryEventLog:
         if conv is None:
             return None
         turns = sorted(conv.turns.values(), key=lambda t: t.seq)
-        return ConversationRecord(conversation_id, conv.created_at, turns, conv.last_id)
+        exchanges = [conv.exchanges[k] for k in sorted(conv.exchanges)]
+        return ConversationRecord(conversation_id, conv.created_at, turns, conv.last_id, exchanges)
 
     async def read(self, conversation_id: str, after_id: int, limit: int) -> list[StoredEvent]:
         conv = self._convs.get(conversation_id)

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, TypeVar
 
-from .base import ConversationRecord, EventSink, StoredEvent, TurnRecord, TurnState
+from .base import ConversationRecord, EventSink, StoredEvent, ThreadExchange, TurnRecord, TurnState
 
 __all__ = ["SqliteEventLog"]
 
@@ -41,6 +41,14 @@ CREATE TABLE IF NOT EXISTS turns (
     PRIMARY KEY (conversation_id, turn_id)
 );
 CREATE INDEX IF NOT EXISTS turns_unfinished ON turns (state) WHERE state IN ('queued', 'running');
+CREATE TABLE IF NOT EXISTS btw_exchanges (
+    conversation_id TEXT NOT NULL,
+    thread_id TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    question TEXT NOT NULL,
+    answer TEXT NOT NULL,
+    PRIMARY KEY (conversation_id, thread_id, seq)
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS events (
     conversation_id TEXT NOT NULL,
     id INTEGER NOT NULL,
@@ -50,7 +58,11 @@ CREATE TABLE IF NOT EXISTS events (
 ) WITHOUT ROWID;
 """
 
+#: Exchanges kept per btw thread (the gateway's BtwThread.MAX_EXCHANGES).
+_MAX_EXCHANGES = 50
+
 # One enqueued write: ("conv", id, created_at) | ("turn", conv_id, TurnRecord) | ("event", StoredEvent)
+# | ("exchange", conv_id, ThreadExchange)
 _Op = tuple[Any, ...]
 
 
@@ -144,6 +156,9 @@ class SqliteEventLog:
     def append(self, event: StoredEvent) -> None:
         self._enqueue(("event", event))
 
+    def save_exchange(self, conversation_id: str, exchange: ThreadExchange) -> None:
+        self._enqueue(("exchange", conversation_id, exchange))
+
     async def flush(self) -> None:
         """Wait until every write enqueued before this call is committed and its events delivered."""
         target = self._enqueued
@@ -235,6 +250,7 @@ class SqliteEventLog:
         convs: list[tuple[str, float]] = []
         turns: list[tuple[Any, ...]] = []
         events: list[tuple[str, int, str, str]] = []
+        exchanges: list[tuple[str, str, int, str, str]] = []
         newest: dict[str, int] = {}
         for op in batch:
             kind = op[0]
@@ -245,6 +261,9 @@ class SqliteEventLog:
             elif kind == "turn":
                 t: TurnRecord = op[2]
                 turns.append((op[1], t.turn_id, t.seq, t.user_text, t.state, t.assistant_text, t.error_type))
+            elif kind == "exchange":
+                x: ThreadExchange = op[2]
+                exchanges.append((op[1], x.thread_id, x.seq, x.question, x.answer))
             else:
                 convs.append((op[1], op[2]))
         conn.execute("BEGIN IMMEDIATE")
@@ -264,6 +283,17 @@ class SqliteEventLog:
                     " state = excluded.state, assistant_text = excluded.assistant_text,"
                     " error_type = excluded.error_type",
                     turns,
+                )
+            if exchanges:
+                conn.executemany(
+                    "INSERT OR REPLACE INTO btw_exchanges (conversation_id, thread_id, seq, question, answer)"
+                    " VALUES (?, ?, ?, ?, ?)",
+                    exchanges,
+                )
+                conn.executemany(  # a thread keeps its newest exchanges only, as in memory
+                    "DELETE FROM btw_exchanges WHERE conversation_id = ? AND thread_id = ? AND seq <= ?",
+                    [(cid, tid, seq - _MAX_EXCHANGES) for cid, tid, seq, _, _ in exchanges
+                     if seq > _MAX_EXCHANGES],
                 )
             trims = [(cid, last - self.retention) for cid, last in newest.items() if last > self.retention]
             if trims:
@@ -292,7 +322,15 @@ class SqliteEventLog:
         last = conn.execute(
             "SELECT MAX(id) FROM events WHERE conversation_id = ?", (conversation_id,)
         ).fetchone()
-        return ConversationRecord(conversation_id, float(row[0]), turns, int(last[0] or 0))
+        exchanges = [
+            ThreadExchange(thread_id=r[0], seq=r[1], question=r[2], answer=r[3])
+            for r in conn.execute(
+                "SELECT thread_id, seq, question, answer FROM btw_exchanges WHERE conversation_id = ?"
+                " ORDER BY thread_id, seq",
+                (conversation_id,),
+            )
+        ]
+        return ConversationRecord(conversation_id, float(row[0]), turns, int(last[0] or 0), exchanges)
 
     def _read_sync(self, conversation_id: str, after_id: int, limit: int) -> list[StoredEvent]:
         conn = self._conn
