@@ -51,21 +51,6 @@ def map_request_error(exc: BaseException, *, connect_timeout: float | None, read
 
 
 _NO_TOTAL_TIMEOUT = aiohttp.ClientTimeout(total=None)
-# Per event loop, what every dedicated session can share because it holds no connection and no state of
-# a call: the resolver (aiohttp's threaded one; nothing to close) and a cookie jar that keeps nothing.
-_SHARED: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, tuple[aiohttp.ThreadedResolver,
-                                                                 aiohttp.DummyCookieJar]]
-_SHARED = weakref.WeakKeyDictionary()
-
-
-def _shared_settings() -> tuple[aiohttp.ThreadedResolver, aiohttp.DummyCookieJar]:
-    loop = asyncio.get_running_loop()
-    shared = _SHARED.get(loop)
-    if shared is None:
-        shared = _SHARED[loop] = (aiohttp.ThreadedResolver(), aiohttp.DummyCookieJar())
-    return shared
-
-
 def _close_unclaimed(task: asyncio.Task[aiohttp.ClientResponse]) -> None:
     """Done-callback of an abandoned request: a response that arrived anyway is closed, not leaked."""
     if task.cancelled():
@@ -117,21 +102,16 @@ class Session:
         if self._closed:
             raise SessionInvalidated("the session is closed")
         if self._client is None:
-            # a dedicated session serves one call: it shares the loop's resolver, and keeps no cookies
-            # (there is no later request of its own to send them with)
-            resolver, no_cookies = _shared_settings() if self.dedicated else (None, None)
             connector = aiohttp.TCPConnector(
                 limit=self._limit,
                 limit_per_host=self._limit_per_host,
                 keepalive_timeout=None if self.dedicated else self._keepalive,
-                resolver=resolver,
             )
             self._client = aiohttp.ClientSession(
                 connector=connector,
                 trust_env=False,
                 timeout=_NO_TOTAL_TIMEOUT,
                 auto_decompress=False,
-                cookie_jar=no_cookies,
             )
             self._finalizer = weakref.finalize(
                 self, _reap_session, asyncio.get_running_loop(), self._client, not self.dedicated
