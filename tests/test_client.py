@@ -9,6 +9,7 @@ import statistics
 import time
 from typing import Any
 
+import aiohttp
 import pytest
 
 from conftest import Resources, library_garbage, settle_resources
@@ -23,6 +24,7 @@ from sidechain import (
     ReadTimeout,
     RetryExhausted,
     RetryPolicy,
+    SafeByteStream,
     Session,
     SessionInvalidated,
     StreamInterrupted,
@@ -536,3 +538,29 @@ async def test_finished_calls_leave_no_reference_cycles(fault_server: str) -> No
             gc.enable()
         await pool.aclose()
     assert leftover == {}, f"reference cycles left by finished calls: {leftover}"
+
+
+async def test_fail_with_an_error_raised_elsewhere_leaves_that_task_alone(fault_server: str) -> None:
+    """``fail(error)`` from another task with an error that task raised and caught before: the reader
+    gets it, and the frames it was raised through (that task's, suspended now) are left intact."""
+    async with aiohttp.ClientSession() as http:
+        response = await http.post(f"{fault_server}/s?fault=stall&hello=1&u=failother", json={})
+        stream = SafeByteStream(response)
+        assert (await stream.read()).startswith(b"event: hello")
+        reading = asyncio.create_task(stream.read())
+        carry_on = asyncio.Event()
+
+        async def supervisor() -> str:
+            try:
+                raise SessionInvalidated("given up by a supervisor")
+            except SessionInvalidated as exc:
+                stream.fail(exc)
+            await carry_on.wait()  # suspended here while the reader gets the error
+            return "finished"
+
+        supervising = asyncio.create_task(supervisor())
+        with pytest.raises(SessionInvalidated, match="supervisor"):
+            await reading
+        carry_on.set()
+        assert await asyncio.wait_for(supervising, 5) == "finished"
+        await stream.aclose()

@@ -8,6 +8,7 @@ possible deadline.
 from __future__ import annotations
 
 import asyncio
+import types
 import weakref
 from collections.abc import Callable
 
@@ -35,7 +36,7 @@ class Watchdog:
         self.total = total
         self._on_stall: Callable[[], Callable[[str], None] | None] | None = None
         if on_stall is not None:
-            self._on_stall = (weakref.WeakMethod(on_stall) if hasattr(on_stall, "__self__")
+            self._on_stall = (weakref.WeakMethod(on_stall) if isinstance(on_stall, types.MethodType)
                               else lambda: on_stall)
         self._stream: SafeByteStream | None = None
         self._timer: asyncio.TimerHandle | None = None

@@ -19,10 +19,10 @@ from __future__ import annotations
 
 import asyncio
 import enum
-import traceback
 import warnings
 import weakref
 from collections.abc import Callable
+from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
@@ -33,6 +33,19 @@ if TYPE_CHECKING:  # pragma: no cover
     from .sessions import Session
 
 __all__ = ["SafeByteStream", "StreamState", "map_aiohttp_error"]
+
+
+def _clear_aiohttp_frames(tb: TracebackType | None) -> None:
+    """Clear the locals of the aiohttp frames an error was just raised through, from the top down to
+    the first frame that is not aiohttp's. An error raised earlier (one passed to :meth:`fail`) carries
+    older frames further down, possibly of a coroutine that is only suspended: those are never touched
+    (clearing a suspended coroutine's frame would close it)."""
+    while tb is not None and str(tb.tb_frame.f_globals.get("__name__", "")).startswith("aiohttp."):
+        try:
+            tb.tb_frame.clear()
+        except RuntimeError:  # still executing
+            pass
+        tb = tb.tb_next
 
 
 class StreamState(enum.Enum):
@@ -145,7 +158,7 @@ class SafeByteStream:
                 # buffer again through aiohttp's finished frames: a cycle that would hold the response
                 # until the garbage collector runs. Those frames' locals are dropped (lines stay).
                 if exc.__traceback__ is not None:
-                    traceback.clear_frames(exc.__traceback__.tb_next)
+                    _clear_aiohttp_frames(exc.__traceback__.tb_next)
                 if self._error is not None:
                     raise self._error from None
                 err = map_aiohttp_error(exc, read_timeout=self._read_timeout)
