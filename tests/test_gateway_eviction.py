@@ -11,6 +11,7 @@ import aiohttp
 import pytest
 
 from gateway_helpers import SSEReader, create_conversation, data, get_json, post_message, wait_until
+from sidechain.gateway.errors import ServiceUnavailable
 from sidechain.gateway.testing import RunningGateway, running_gateway
 
 LATER = 10_000.0  # seconds added to the loop time: "long after", without waiting for it
@@ -126,3 +127,40 @@ async def test_btw_thread_survives_eviction_and_restart(
             follow = await ask_btw(gw, session, cid, "and then?", thread)
     assert follow["thread_id"] == thread
     assert 'Earlier in this side thread you asked 1 question, the last was "what is a btw?"' in follow["text"]
+
+
+async def test_request_with_a_slow_body_never_uses_an_evicted_object(session: aiohttp.ClientSession) -> None:
+    """A handler that looked the conversation up, then waited for a slow body while the conversation
+    was evicted and loaded again, works on the loaded object: no second object, no duplicate ids."""
+    async with running_gateway(echo_pace=0) as gw:
+        cid = await create_conversation(session, gw.url)
+        url = f"{gw.url}/v1/conversations/{cid}"
+        conv = await gw.gateway.conversation(cid)
+        looked_up_at = conv.last_used
+        rest = asyncio.Event()
+
+        async def slow_body() -> AsyncIterator[bytes]:
+            yield b'{"text": "sent slowly'
+            await rest.wait()
+            yield b'"}'
+
+        slow = asyncio.create_task(session.post(f"{url}/notes", data=slow_body(),
+                                                headers={"Content-Type": "application/json"}))
+        # the handler has looked the conversation up and now waits for the rest of the body
+        await wait_until(lambda: conv.last_used > looked_up_at, what="the slow request's lookup")
+        assert gw.gateway.evict_idle(far_future()) == 1 and conv.evicted
+        async with session.post(f"{url}/notes", json={"text": "sent meanwhile"}) as r:
+            assert r.status == 201
+        rest.set()
+        async with await slow as r:
+            assert r.status == 201, await r.text()
+        history = await get_json(session, url)
+        assert [m["text"] for m in history["messages"]] == ["sent meanwhile", "sent slowly"]
+        async with session.get(f"{url}/events", headers={"Last-Event-ID": "0"}) as resp:
+            reader = SSEReader(resp)
+            events = await reader.until("note.created")
+            events += await reader.until("note.created")
+        assert [int(e.id) for e in events] == [1, 2]
+        with pytest.raises(ServiceUnavailable) as refused:
+            conv.add_note("through the evicted object")
+        assert refused.value.type == "conversation_reloading"

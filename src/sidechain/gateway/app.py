@@ -246,9 +246,11 @@ async def get_conversation(request: Request) -> Response:
 
 async def post_message(request: Request) -> Response:
     gw = _gateway(request)
-    conv = await gw.conversation(request.path_params["cid"])
+    await gw.conversation(request.path_params["cid"])  # 404 before reading the body
     body = await read_json(request, MessageBody, gw.config.max_body_bytes)
     _text_limit(body.text, gw.config.max_message_chars, "text", "message_too_long")
+    # looked up again: the body may have been slow enough for the conversation to be evicted meanwhile
+    conv = await gw.conversation(request.path_params["cid"])
     queued = conv.busy
     turn = conv.post_message(body.text, queue=body.queue)
     await gw.log.flush()
@@ -257,9 +259,10 @@ async def post_message(request: Request) -> Response:
 
 async def post_note(request: Request) -> Response:
     gw = _gateway(request)
-    conv = await gw.conversation(request.path_params["cid"])
+    await gw.conversation(request.path_params["cid"])  # 404 before reading the body
     body = await read_json(request, NoteBody, gw.config.max_body_bytes)
     _text_limit(body.text, gw.config.max_message_chars, "text", "message_too_long")
+    conv = await gw.conversation(request.path_params["cid"])  # again: it may have been evicted meanwhile
     note = conv.add_note(body.text)
     await gw.log.flush()
     return JSONResponse({"note_id": note.id}, status_code=201)
@@ -291,9 +294,10 @@ async def events(request: Request) -> Response:
 
 async def post_btw(request: Request) -> Response:
     gw = _gateway(request)
-    conv = await gw.conversation(request.path_params["cid"])
+    await gw.conversation(request.path_params["cid"])  # 404 before reading the body
     body = await read_json(request, BtwBody, gw.config.max_body_bytes)
     _text_limit(body.question, gw.config.max_question_chars, "question", "question_too_long")
+    conv = await gw.conversation(request.path_params["cid"])  # again: it may have been evicted meanwhile
     key = request.headers.get("idempotency-key")
     if key is not None and (not key.strip() or len(key) > 255):
         raise BadRequest("invalid_idempotency_key", "Idempotency-Key must be 1 to 255 characters")

@@ -185,6 +185,7 @@ class BtwRegistry:
         """
         if self._closing or self.gateway.shutting_down:
             raise ServiceUnavailable("shutting_down", "the gateway is shutting down")
+        conv.ensure_not_evicted()
         if thread_id is not None:
             thread = conv.threads.get(thread_id)
             if thread is None:

@@ -226,6 +226,9 @@ class Conversation:
                 thread.add(x.question, x.answer, seq=x.seq)
         #: Loop time of the last request that used this conversation (see :meth:`Gateway.evict_idle`).
         self.last_used = asyncio.get_running_loop().time()
+        #: Set when the gateway dropped this object from memory: it must not take new work (a fresh
+        #: object is loaded from the store instead; two live objects would assign the same event ids).
+        self.evicted = False
 
     # -- reading -----------------------------------------------------------------------------------
 
@@ -261,6 +264,10 @@ class Conversation:
         """Whether a turn is running or queued (a new message would have to queue)."""
         return self.active is not None or bool(self._queue)
 
+    def ensure_not_evicted(self) -> None:
+        if self.evicted:
+            raise ServiceUnavailable("conversation_reloading", "the conversation was just unloaded; retry")
+
     def idle_since(self, now: float) -> float | None:
         """Seconds this conversation has been unused at loop time ``now``, or None while anything
         holds it: an open event stream, a running or queued turn, its worker, events not yet durable."""
@@ -274,7 +281,7 @@ class Conversation:
 
     def turn(self, turn_id: str) -> Turn:
         turn = self._by_id.get(turn_id)
-        if turn is None:
+        if turn is None or turn.is_note:
             raise NotFound("turn_not_found", f"no turn {turn_id!r} in conversation {self.id}")
         return turn
 
@@ -288,6 +295,7 @@ class Conversation:
         """
         if self._closing:
             raise ServiceUnavailable("shutting_down", "the gateway is shutting down")
+        self.ensure_not_evicted()
         busy = self.busy
         if busy and not queue:
             running = self.active.id if self.active is not None else self._queue[0].id
@@ -319,6 +327,7 @@ class Conversation:
         """
         if self._closing:
             raise ServiceUnavailable("shutting_down", "the gateway is shutting down")
+        self.ensure_not_evicted()
         note = Turn(new_note_id(), len(self.turns) + 1, text, state=TurnState.NOTE)
         self.turns.append(note)
         self._by_id[note.id] = note

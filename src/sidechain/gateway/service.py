@@ -227,7 +227,7 @@ class Gateway:
         idle = [cid for cid, conv in self._convs.items()
                 if cid not in in_use and (since := conv.idle_since(now)) is not None and since >= limit]
         for cid in idle:
-            del self._convs[cid]
+            self._convs.pop(cid).evicted = True
         if idle:
             self.metrics.conversations_loaded = len(self._convs)
             self.metrics.conversations_evicted_total += len(idle)
