@@ -73,7 +73,7 @@ class GatewayConfig:
     cors_origins: tuple[str, ...] = ()
     #: Seconds a loaded conversation may stay unused (no request, no open stream, no turn or btw running)
     #: before it is dropped from memory; it is loaded again from the store when next asked for. Its btw
-    #: threads, which live in memory only, go with it. 0 keeps every conversation loaded.
+    #: threads' completed exchanges are stored with it. 0 keeps every conversation loaded.
     conversation_idle_evict: float = 900.0
     #: Seconds to wait for open streams to take their ``gateway.shutdown`` event on shutdown.
     shutdown_grace: float = 5.0
