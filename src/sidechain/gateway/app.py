@@ -25,6 +25,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .. import __version__
 from .config import GatewayConfig
+from .conversations import Conversation
 from .errors import BadRequest, GatewayError, NotFound, PayloadTooLarge, ServiceUnavailable
 from .service import Gateway
 from .streaming import BtwStreamResponse, EventStreamResponse
@@ -244,13 +245,20 @@ async def get_conversation(request: Request) -> Response:
     return JSONResponse(conv.to_json())
 
 
+async def _conversation_and_body(request: Request, type_: type[T]) -> tuple[Conversation, T]:
+    """The path's conversation and the decoded body. An unknown conversation is a 404 before the body
+    is read; the lookup is repeated after it, because a slow body can outlast the conversation's stay
+    in memory (eviction), and work must go to the object that is loaded now."""
+    gw = _gateway(request)
+    await gw.conversation(request.path_params["cid"])
+    body = await read_json(request, type_, gw.config.max_body_bytes)
+    return await gw.conversation(request.path_params["cid"]), body
+
+
 async def post_message(request: Request) -> Response:
     gw = _gateway(request)
-    await gw.conversation(request.path_params["cid"])  # 404 before reading the body
-    body = await read_json(request, MessageBody, gw.config.max_body_bytes)
+    conv, body = await _conversation_and_body(request, MessageBody)
     _text_limit(body.text, gw.config.max_message_chars, "text", "message_too_long")
-    # looked up again: the body may have been slow enough for the conversation to be evicted meanwhile
-    conv = await gw.conversation(request.path_params["cid"])
     queued = conv.busy
     turn = conv.post_message(body.text, queue=body.queue)
     await gw.log.flush()
@@ -259,10 +267,8 @@ async def post_message(request: Request) -> Response:
 
 async def post_note(request: Request) -> Response:
     gw = _gateway(request)
-    await gw.conversation(request.path_params["cid"])  # 404 before reading the body
-    body = await read_json(request, NoteBody, gw.config.max_body_bytes)
+    conv, body = await _conversation_and_body(request, NoteBody)
     _text_limit(body.text, gw.config.max_message_chars, "text", "message_too_long")
-    conv = await gw.conversation(request.path_params["cid"])  # again: it may have been evicted meanwhile
     note = conv.add_note(body.text)
     await gw.log.flush()
     return JSONResponse({"note_id": note.id}, status_code=201)
@@ -294,10 +300,8 @@ async def events(request: Request) -> Response:
 
 async def post_btw(request: Request) -> Response:
     gw = _gateway(request)
-    await gw.conversation(request.path_params["cid"])  # 404 before reading the body
-    body = await read_json(request, BtwBody, gw.config.max_body_bytes)
+    conv, body = await _conversation_and_body(request, BtwBody)
     _text_limit(body.question, gw.config.max_question_chars, "question", "question_too_long")
-    conv = await gw.conversation(request.path_params["cid"])  # again: it may have been evicted meanwhile
     key = request.headers.get("idempotency-key")
     if key is not None and (not key.strip() or len(key) > 255):
         raise BadRequest("invalid_idempotency_key", "Idempotency-Key must be 1 to 255 characters")
