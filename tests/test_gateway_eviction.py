@@ -164,3 +164,25 @@ async def test_request_with_a_slow_body_never_uses_an_evicted_object(session: ai
         with pytest.raises(ServiceUnavailable) as refused:
             conv.add_note("through the evicted object")
         assert refused.value.type == "conversation_reloading"
+
+
+@pytest.mark.parametrize("store", ["memory", "sqlite"])
+async def test_btw_threads_per_conversation_are_bounded(
+    store: str, tmp_path: Path, session: aiohttp.ClientSession
+) -> None:
+    """Beyond ``max_btw_threads`` the least recently used thread is dropped, in memory and in the store."""
+    spec = "memory" if store == "memory" else f"sqlite:{tmp_path / 'gw.sqlite3'}"
+    async with running_gateway(store=spec, echo_pace=0, btw_grace=0, max_btw_threads=2) as gw:
+        cid = await create_conversation(session, gw.url)
+        first = (await ask_btw(gw, session, cid, "one?"))["thread_id"]
+        second = (await ask_btw(gw, session, cid, "two?"))["thread_id"]
+        await ask_btw(gw, session, cid, "one again?", first)  # `first` is now the most recently used
+        third = (await ask_btw(gw, session, cid, "three?"))["thread_id"]  # drops `second`
+        async with session.post(f"{gw.url}/v1/conversations/{cid}/btw",
+                                json={"question": "two again?", "thread_id": second}) as resp:
+            assert resp.status == 404 and (await resp.json())["error"]["type"] == "thread_not_found"
+        await gw.gateway.log.flush()
+        record = await gw.gateway.log.load_conversation(cid)
+        assert record is not None
+        assert {x.thread_id for x in record.exchanges} == {first, third}
+        assert [x.seq for x in record.exchanges if x.thread_id == first] == [1, 2]

@@ -186,16 +186,12 @@ class BtwRegistry:
         if self._closing or self.gateway.shutting_down:
             raise ServiceUnavailable("shutting_down", "the gateway is shutting down")
         conv.ensure_not_evicted()
-        if thread_id is not None:
-            thread = conv.threads.get(thread_id)
-            if thread is None:
-                raise NotFound("thread_not_found", f"no btw thread {thread_id!r} in conversation {conv.id}")
-        else:
-            thread = BtwThread("thr_" + secrets.token_hex(8))
-            conv.threads[thread.id] = thread
+        if thread_id is not None and thread_id not in conv.threads:
+            raise NotFound("thread_not_found", f"no btw thread {thread_id!r} in conversation {conv.id}")
         limit = self.gateway.config.max_active_btws
         if self.active_count(conv.id) >= limit:
             raise TooManyRequests("too_many_btws", f"{limit} btws are already running in this conversation")
+        thread = conv.use_thread(thread_id)
         request = conv.btw_request(question, thread)
         btw = Btw("btw_" + secrets.token_hex(16), conv.id, thread, question, thread_id, key)
         self._btws[btw.id] = btw

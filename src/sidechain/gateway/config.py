@@ -63,6 +63,8 @@ class GatewayConfig:
     max_queued_turns: int = 16
     #: Unfinished btws allowed per conversation (429 beyond).
     max_active_btws: int = 8
+    #: btw threads kept per conversation; beyond, the least recently used one is dropped (memory and store).
+    max_btw_threads: int = 256
     #: How many events a live subscriber may lag behind the newest before it is dropped (slow_consumer).
     subscriber_queue: int = 1024
     #: Seconds a dropped slow subscriber gets to take its final ``error`` event before the connection closes.
@@ -108,6 +110,7 @@ class GatewayConfig:
             "subscriber_queue": self.subscriber_queue,
             "keepalive_interval": self.keepalive_interval,
             "max_active_btws": self.max_active_btws,
+            "max_btw_threads": self.max_btw_threads,
         }
         for name, value in positive.items():
             if value <= 0:

@@ -264,6 +264,21 @@ class Conversation:
         """Whether a turn is running or queued (a new message would have to queue)."""
         return self.active is not None or bool(self._queue)
 
+    def use_thread(self, thread_id: str | None) -> BtwThread:
+        """The btw thread ``thread_id`` (known: checked by the caller), or a new one when None; marked as
+        the most recently used. Beyond ``max_btw_threads`` the least recently used thread is dropped,
+        here and in the store."""
+        if thread_id is not None:
+            thread = self.threads.pop(thread_id)
+        else:
+            thread = BtwThread("thr_" + secrets.token_hex(8))
+        self.threads[thread.id] = thread  # dicts keep insertion order: the newest use is last
+        while len(self.threads) > self.gateway.config.max_btw_threads:
+            oldest = next(iter(self.threads))
+            del self.threads[oldest]
+            self.gateway.log.drop_thread(self.id, oldest)
+        return thread
+
     def ensure_not_evicted(self) -> None:
         if self.evicted:
             raise ServiceUnavailable("conversation_reloading", "the conversation was just unloaded; retry")

@@ -119,6 +119,10 @@ class EventLog(Protocol):
         """Enqueue a completed btw of a thread (keyed by thread id and seq)."""
         ...
 
+    def drop_thread(self, conversation_id: str, thread_id: str) -> None:
+        """Enqueue the removal of a thread's stored exchanges."""
+        ...
+
     async def flush(self) -> None:
         """Wait until everything enqueued so far is durable and delivered to the sink."""
         ...

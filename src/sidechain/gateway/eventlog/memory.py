@@ -53,6 +53,12 @@ class MemoryEventLog:
             conv.exchanges[(exchange.thread_id, exchange.seq)] = exchange
             conv.exchanges.pop((exchange.thread_id, exchange.seq - 50), None)  # BtwThread.MAX_EXCHANGES
 
+    def drop_thread(self, conversation_id: str, thread_id: str) -> None:
+        conv = self._convs.get(conversation_id)
+        if conv is not None and not self._closed:
+            for key in [k for k in conv.exchanges if k[0] == thread_id]:
+                del conv.exchanges[key]
+
     def append(self, event: StoredEvent) -> None:
         conv = self._convs.get(event.conversation_id)
         if conv is None or self._closed:

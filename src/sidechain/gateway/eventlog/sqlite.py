@@ -62,7 +62,7 @@ CREATE TABLE IF NOT EXISTS events (
 _MAX_EXCHANGES = 50
 
 # One enqueued write: ("conv", id, created_at) | ("turn", conv_id, TurnRecord) | ("event", StoredEvent)
-# | ("exchange", conv_id, ThreadExchange)
+# | ("exchange", conv_id, ThreadExchange) | ("drop_thread", conv_id, thread_id)
 _Op = tuple[Any, ...]
 
 
@@ -159,6 +159,9 @@ class SqliteEventLog:
     def save_exchange(self, conversation_id: str, exchange: ThreadExchange) -> None:
         self._enqueue(("exchange", conversation_id, exchange))
 
+    def drop_thread(self, conversation_id: str, thread_id: str) -> None:
+        self._enqueue(("drop_thread", conversation_id, thread_id))
+
     async def flush(self) -> None:
         """Wait until every write enqueued before this call is committed and its events delivered."""
         target = self._enqueued
@@ -251,6 +254,7 @@ class SqliteEventLog:
         turns: list[tuple[Any, ...]] = []
         events: list[tuple[str, int, str, str]] = []
         exchanges: list[tuple[str, str, int, str, str]] = []
+        dropped: list[tuple[str, str]] = []
         newest: dict[str, int] = {}
         for op in batch:
             kind = op[0]
@@ -264,6 +268,8 @@ class SqliteEventLog:
             elif kind == "exchange":
                 x: ThreadExchange = op[2]
                 exchanges.append((op[1], x.thread_id, x.seq, x.question, x.answer))
+            elif kind == "drop_thread":
+                dropped.append((op[1], op[2]))
             else:
                 convs.append((op[1], op[2]))
         conn.execute("BEGIN IMMEDIATE")
@@ -294,6 +300,10 @@ class SqliteEventLog:
                     "DELETE FROM btw_exchanges WHERE conversation_id = ? AND thread_id = ? AND seq <= ?",
                     [(cid, tid, seq - _MAX_EXCHANGES) for cid, tid, seq, _, _ in exchanges
                      if seq > _MAX_EXCHANGES],
+                )
+            if dropped:  # after the inserts: a thread is dropped only once it is the least recently used
+                conn.executemany(
+                    "DELETE FROM btw_exchanges WHERE conversation_id = ? AND thread_id = ?", dropped
                 )
             trims = [(cid, last - self.retention) for cid, last in newest.items() if last > self.retention]
             if trims:
