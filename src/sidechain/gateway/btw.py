@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 
 from .errors import Conflict, NotFound, ServiceUnavailable, TooManyRequests
-from .eventlog import ThreadExchange
+from .eventlog import MAX_THREAD_EXCHANGES, ThreadExchange
 from .models.base import ModelError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -47,7 +47,7 @@ class BtwThread:
     __slots__ = ("count", "exchanges", "id")
 
     #: Exchanges kept as context (the oldest are dropped beyond this).
-    MAX_EXCHANGES = 50
+    MAX_EXCHANGES = MAX_THREAD_EXCHANGES
 
     def __init__(self, id: str) -> None:
         self.id = id

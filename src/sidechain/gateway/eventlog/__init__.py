@@ -4,11 +4,21 @@ from __future__ import annotations
 
 import os
 
-from .base import ConversationRecord, EventLog, EventSink, StoredEvent, ThreadExchange, TurnRecord, TurnState
+from .base import (
+    MAX_THREAD_EXCHANGES,
+    ConversationRecord,
+    EventLog,
+    EventSink,
+    StoredEvent,
+    ThreadExchange,
+    TurnRecord,
+    TurnState,
+)
 from .memory import MemoryEventLog
 from .sqlite import SqliteEventLog
 
 __all__ = [
+    "MAX_THREAD_EXCHANGES",
     "ConversationRecord",
     "EventLog",
     "EventSink",

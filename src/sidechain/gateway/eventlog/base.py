@@ -57,6 +57,10 @@ class TurnRecord(msgspec.Struct, frozen=True):
     error_type: str | None = None
 
 
+#: Completed exchanges a btw thread keeps as context, in memory and in a store (the oldest go first).
+MAX_THREAD_EXCHANGES = 50
+
+
 class ThreadExchange(msgspec.Struct, frozen=True):
     """One completed btw of a thread, kept as context for the thread's next question."""
 

@@ -4,7 +4,15 @@ from __future__ import annotations
 
 from collections import deque
 
-from .base import ConversationRecord, EventSink, StoredEvent, ThreadExchange, TurnRecord, TurnState
+from .base import (
+    MAX_THREAD_EXCHANGES,
+    ConversationRecord,
+    EventSink,
+    StoredEvent,
+    ThreadExchange,
+    TurnRecord,
+    TurnState,
+)
 
 __all__ = ["MemoryEventLog"]
 
@@ -51,7 +59,7 @@ class MemoryEventLog:
         conv = self._convs.get(conversation_id)
         if conv is not None and not self._closed:
             conv.exchanges[(exchange.thread_id, exchange.seq)] = exchange
-            conv.exchanges.pop((exchange.thread_id, exchange.seq - 50), None)  # BtwThread.MAX_EXCHANGES
+            conv.exchanges.pop((exchange.thread_id, exchange.seq - MAX_THREAD_EXCHANGES), None)
 
     def drop_thread(self, conversation_id: str, thread_id: str) -> None:
         conv = self._convs.get(conversation_id)

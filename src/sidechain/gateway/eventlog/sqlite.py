@@ -17,7 +17,15 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, TypeVar
 
-from .base import ConversationRecord, EventSink, StoredEvent, ThreadExchange, TurnRecord, TurnState
+from .base import (
+    MAX_THREAD_EXCHANGES,
+    ConversationRecord,
+    EventSink,
+    StoredEvent,
+    ThreadExchange,
+    TurnRecord,
+    TurnState,
+)
 
 __all__ = ["SqliteEventLog"]
 
@@ -57,9 +65,6 @@ CREATE TABLE IF NOT EXISTS events (
     PRIMARY KEY (conversation_id, id)
 ) WITHOUT ROWID;
 """
-
-#: Exchanges kept per btw thread (the gateway's BtwThread.MAX_EXCHANGES).
-_MAX_EXCHANGES = 50
 
 # One enqueued write: ("conv", id, created_at) | ("turn", conv_id, TurnRecord) | ("event", StoredEvent)
 # | ("exchange", conv_id, ThreadExchange) | ("drop_thread", conv_id, thread_id)
@@ -298,8 +303,8 @@ class SqliteEventLog:
                 )
                 conn.executemany(  # a thread keeps its newest exchanges only, as in memory
                     "DELETE FROM btw_exchanges WHERE conversation_id = ? AND thread_id = ? AND seq <= ?",
-                    [(cid, tid, seq - _MAX_EXCHANGES) for cid, tid, seq, _, _ in exchanges
-                     if seq > _MAX_EXCHANGES],
+                    [(cid, tid, seq - MAX_THREAD_EXCHANGES) for cid, tid, seq, _, _ in exchanges
+                     if seq > MAX_THREAD_EXCHANGES],
                 )
             if dropped:  # after the inserts: a thread is dropped only once it is the least recently used
                 conn.executemany(
