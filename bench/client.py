@@ -492,6 +492,14 @@ def report(tp: dict[str, dict[str, list[float]]], tt: dict[str, dict[str, Any]],
            meta: dict[str, Any]) -> dict[str, Any]:
     figures: dict[str, Any] = {"meta": meta, "throughput": {}, "throughput_ratio": {}, "ttfe": {},
                                "ttfe_ratio": {}}
+    if tp:
+        _report_throughput(tp, args, figures)
+    _report_ttfe(tt, figures)
+    return figures
+
+
+def _report_throughput(tp: dict[str, dict[str, list[float]]], args: argparse.Namespace,
+                       figures: dict[str, Any]) -> None:
     print(f"\n## Throughput, {args.events:,} events per stream, median of {args.rounds} interleaved rounds\n")
     print("| client | version | method | " + " | ".join(MODE_TITLES[m] + " events/s" for m in MODES) + " |")
     print("| --- | --- | --- |" + " ---: |" * len(MODES))
@@ -523,6 +531,8 @@ def report(tp: dict[str, dict[str, list[float]]], tt: dict[str, dict[str, Any]],
         print(f"| {MODE_TITLES[m]} | {_fmt_eps(sc)} | {best} {_fmt_eps(peers[best])} | {ratio:.2f}x "
               f"| {verdict} | {ceiling:.2f} |")
 
+
+def _report_ttfe(tt: dict[str, dict[str, Any]], figures: dict[str, Any]) -> None:
     print(f"\n## Time to first event, sequential {SHORT_N}-event streams (POST)\n")
     print("| variant | calls | TTFE median ms | TTFE p99 ms | whole call median ms |")
     print("| --- | ---: | ---: | ---: | ---: |")
@@ -548,7 +558,6 @@ def report(tp: dict[str, dict[str, list[float]]], tt: dict[str, dict[str, Any]],
             target = f"<= {TARGET_TTFE}x: " + ("met" if r_med <= TARGET_TTFE else "**missed**")
         figures["ttfe_ratio"][lib] = entry
         print(f"| {lib} | {r_med:.2f}x | {r_p99:.2f}x | {target} |")
-    return figures
 
 
 # -- main ---------------------------------------------------------------------------------------------------
@@ -572,7 +581,7 @@ async def amain(args: argparse.Namespace, port: int) -> dict[str, Any]:
     t0 = time.perf_counter()
     print(f"throughput: {args.events:,} events x {len(CONTENDERS)} clients x {len(MODES)} modes "
           f"x {args.rounds} rounds", file=sys.stderr, flush=True)
-    tp = await throughput(base, args.events, args.rounds, args.warm_events)
+    tp = {} if args.ttfe_only else await throughput(base, args.events, args.rounds, args.warm_events)
     t1 = time.perf_counter()
     print(f"  ({t1 - t0:.1f}s)\ntime to first event: {args.calls} calls per variant "
           f"({args.httpx_fresh_calls} for httpx fresh)", file=sys.stderr, flush=True)
@@ -590,6 +599,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--calls", type=int, default=None, help="short calls per TTFE variant (default 1000)")
     parser.add_argument("--json", metavar="PATH", help="write the figures as JSON")
     parser.add_argument("--uvloop", action="store_true", help="run the clients on uvloop")
+    parser.add_argument("--ttfe-only", action="store_true", help="only the time-to-first-event part")
     args = parser.parse_args(argv)
     args.events = args.events or (50_000 if args.quick else 200_000)
     args.rounds = args.rounds or (3 if args.quick else 5)

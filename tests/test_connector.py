@@ -1,0 +1,194 @@
+"""The direct connection path (``DirectConnector``) on both event loops a client meets: asyncio and uvloop.
+
+Each test runs its body on a fresh loop of each kind (``asyncio.run`` / ``uvloop.run``, debug on) against
+the fault server on 127.0.0.1, and counts fds and tasks before and after.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import select
+import socket
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import aiohappyeyeballs
+import aiohttp
+import pytest
+import uvloop
+
+from conftest import Resources, settle_resources
+from sidechain import ConnectError, ConnectTimeout, GatewayHTTPClient, Session
+from sidechain.client.sessions import CONNECTOR, DirectConnector
+
+LOOPS = ["asyncio", "uvloop"]
+
+
+def closed_port() -> int:
+    with socket.socket() as s:  # bound, never listening: connecting is refused
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+    return port
+
+
+def run_on(loop_kind: str, body: Callable[[], Awaitable[None]]) -> None:
+    async def checked() -> None:
+        # libuv opens one fd (/dev/null) for itself on the first connect of a loop: made before counting
+        with pytest.raises(ConnectionRefusedError):
+            await asyncio.get_running_loop().create_connection(asyncio.Protocol, "127.0.0.1", closed_port())
+        before = Resources.now()
+        await body()
+        after = await settle_resources(before)
+        assert after.fds <= before.fds, f"leaked fds: {before} -> {after}"
+        assert after.tasks <= before.tasks, f"leaked tasks: {before} -> {after}"
+
+    if loop_kind == "uvloop":
+        uvloop.run(checked(), debug=True)
+    else:
+        asyncio.run(checked(), debug=True)
+
+
+def test_installed_aiohttp_takes_the_direct_path() -> None:
+    """Fails when an aiohttp upgrade changes the hook: then every connection would go the slow way."""
+    assert CONNECTOR is DirectConnector, f"aiohttp {aiohttp.__version__}: the connect hook changed"
+
+
+@pytest.mark.parametrize("loop_kind", LOOPS)
+def test_dedicated_and_pooled_calls_on_each_loop(loop_kind: str, fault_server: str) -> None:
+    port = int(fault_server.rsplit(":", 1)[1])
+
+    async def body() -> None:
+        for base in (fault_server, f"http://localhost:{port}"):  # one address; maybe two (::1 too)
+            client = GatewayHTTPClient(base)
+            for _ in range(3):
+                async with client.stream_post("/s?n=5", {}) as s:
+                    assert [e.id async for e in s] == ["0", "1", "2", "3", "4", "5"]
+            async with Session() as pool:
+                for _ in range(3):
+                    async with client.stream_post("/s?n=3", {}, session=pool) as s:
+                        assert len([e async for e in s]) == 4
+                assert pool.connection_count() == 1
+
+    run_on(loop_kind, body)
+
+
+@pytest.mark.parametrize("loop_kind", LOOPS)
+def test_refused_connection_is_connect_error(loop_kind: str) -> None:
+    port = closed_port()
+
+    async def body() -> None:
+        client = GatewayHTTPClient(f"http://127.0.0.1:{port}")
+        for _ in range(3):
+            with pytest.raises(ConnectError) as info:
+                async with client.stream_post("/s", {}):
+                    pass
+            cause = info.value.__cause__
+            assert isinstance(cause, aiohttp.ClientConnectorError)
+            assert isinstance(cause.os_error, ConnectionRefusedError)
+
+    run_on(loop_kind, body)
+
+
+@contextmanager
+def unanswered_port() -> Iterator[int]:
+    """A listening port whose accept queue is full: the kernel drops new SYNs, so a connect hangs."""
+    server = socket.socket()
+    fillers: list[socket.socket] = []
+    try:
+        server.bind(("127.0.0.1", 0))
+        server.listen(0)
+        address = server.getsockname()
+        for _ in range(8):
+            filler = socket.socket()
+            filler.setblocking(False)
+            fillers.append(filler)
+            filler.connect_ex(address)
+            _, writable, _ = select.select([], [filler], [], 0.2)
+            if not writable:  # this one hangs: the queue is full
+                yield address[1]
+                return
+        pytest.skip("the kernel accepted every connection; cannot make a connect hang here")
+    finally:
+        for filler in fillers:
+            filler.close()
+        server.close()
+
+
+@pytest.mark.parametrize("loop_kind", LOOPS)
+def test_hanging_connect_is_connect_timeout_and_leaves_nothing(loop_kind: str) -> None:
+    with unanswered_port() as port:
+
+        async def body() -> None:
+            client = GatewayHTTPClient(f"http://127.0.0.1:{port}", connect_timeout=0.15)
+            loop = asyncio.get_running_loop()
+            t0 = loop.time()
+            with pytest.raises(ConnectTimeout):
+                async with client.stream_post("/s", {}):
+                    pass
+            assert 0.1 <= loop.time() - t0 < 1.0
+
+        run_on(loop_kind, body)
+
+
+@pytest.mark.parametrize("loop_kind", LOOPS)
+def test_cancel_during_connect_leaves_nothing(loop_kind: str, fault_server: str) -> None:
+    """Cancel while the direct connect is in flight (a hanging one, and real ones at random moments)."""
+    with unanswered_port() as port:
+
+        async def body() -> None:
+            hanging = GatewayHTTPClient(f"http://127.0.0.1:{port}")
+            live = GatewayHTTPClient(fault_server)
+            rng = random.Random(7)
+
+            async def call(client: GatewayHTTPClient) -> None:
+                async with client.stream_post("/s?n=3", {}) as s:
+                    async for _ in s:
+                        pass
+
+            task = asyncio.create_task(call(hanging))
+            await asyncio.sleep(0.05)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            for _ in range(60):
+                task = asyncio.create_task(call(live))
+                await asyncio.sleep(rng.uniform(0, 0.002))
+                task.cancel()
+                try:
+                    await task
+                except asyncio.CancelledError:
+                    pass
+
+        run_on(loop_kind, body)
+
+
+@pytest.mark.parametrize("loop_kind", LOOPS)
+def test_only_one_plain_address_skips_happy_eyeballs(
+    loop_kind: str, fault_server: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """aiohttp's happy-eyeballs path is skipped for an IP literal, still taken for several addresses."""
+    port = int(fault_server.rsplit(":", 1)[1])
+    calls: list[int] = []
+    real = aiohappyeyeballs.start_connection
+
+    async def counted(addr_infos: Any, **kwargs: Any) -> socket.socket:
+        calls.append(len(addr_infos))
+        return await real(addr_infos, **kwargs)
+
+    monkeypatch.setattr(aiohappyeyeballs, "start_connection", counted)
+
+    async def body() -> None:
+        async with Session() as pool:
+            client = GatewayHTTPClient(fault_server)
+            async with client.stream_post("/s?n=2", {}, session=pool) as s:
+                assert len([e async for e in s]) == 3
+            assert calls == []
+            infos = await asyncio.get_running_loop().getaddrinfo("localhost", port, type=socket.SOCK_STREAM)
+            client = GatewayHTTPClient(f"http://localhost:{port}")
+            async with client.stream_post("/s?n=2", {}, session=pool) as s:
+                assert len([e async for e in s]) == 3
+            assert calls == ([] if len(infos) == 1 else [len(infos)])
+
+    run_on(loop_kind, body)
