@@ -9,7 +9,8 @@ told otherwise, ends with ``event: done``. Query parameters:
 * ``n`` events (default 20), ``ids=0`` to send no ids, ``chunk=event|all`` write granularity,
 * ``gap`` seconds between events (default 0),
 * ``fault``: ``fin`` / ``rst`` after ``at`` events (only on the first ``faults`` attempts of an
-  Idempotency-Key, default 1), ``stall`` after headers, ``trickle`` (one comment byte every 300 ms),
+  Idempotency-Key, default 1), ``stall`` after headers, ``stall_headers`` before them, ``trickle``
+  (one comment byte every 300 ms),
   ``status`` (answer ``code`` for the first ``faults`` attempts, with ``retry_after`` if given),
   ``early`` (end cleanly after ``at`` events, no ``done``), ``html`` (wrong content type),
   ``status_always`` (always ``code``).
@@ -81,6 +82,8 @@ async def stream(request: web.Request) -> web.StreamResponse:
     if last:
         start = int(last) + 1
 
+    if fault == "stall_headers":
+        await asyncio.sleep(3600)
     resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
     await resp.prepare(request)
     if "retry" in q:

@@ -17,6 +17,10 @@ from .safe_stream import SafeByteStream, StreamState
 
 __all__ = ["Watchdog"]
 
+#: How early a timer may fire: uvloop's timers tick in whole milliseconds, so one can run before
+#: ``loop.time()`` reaches its deadline; that counts as reached (rather than re-arming for a sliver).
+TIMER_SLACK = 0.001
+
 
 class Watchdog:
     """Fails ``stream`` with :class:`IdleTimeout` when no event came for ``idle`` seconds, or with
@@ -73,7 +77,7 @@ class Watchdog:
         stream = self._stream
         if stream is None or stream.state is not StreamState.OPEN:
             return
-        now = self._loop.time()
+        now = self._loop.time() + TIMER_SLACK
         if self.deadline is not None and now >= self.deadline:
             self._stall("total_timeout")
             stream.fail(TotalTimeout(f"call exceeded total_timeout={self.total}s", timeout=self.total))

@@ -237,11 +237,14 @@ class Session:
         if self.dedicated:
             # Only its owning call uses a dedicated session, so no other task can close it under this
             # request: send inline, without the watcher task a shared session needs.
+            limit = asyncio.timeout_at(deadline)
             try:
-                async with asyncio.timeout_at(deadline):
+                async with limit:
                     return await _send(client, method, url, data, headers, timeout)
             except TimeoutError as exc:
-                if deadline is not None and loop.time() >= deadline:
+                # expired(), not a clock comparison: uvloop's timers may fire a little before loop.time()
+                # reaches the deadline (millisecond ticks)
+                if limit.expired():
                     raise deadline_error or ConnectTimeout("deadline passed while connecting",
                                                            timeout=connect_timeout) from exc
                 raise map_request_error(exc, connect_timeout=connect_timeout, read_timeout=read_timeout

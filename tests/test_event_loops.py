@@ -1,4 +1,7 @@
-"""The direct connection path (``DirectConnector``) on both event loops a client meets: asyncio and uvloop.
+"""The client on both event loops it meets: asyncio and uvloop (which uvicorn, and so the gateway, runs on).
+
+The connection path (``DirectConnector``) and the deadlines differ between the two loops: uvloop connects
+natively and its timers tick in whole milliseconds.
 
 Each test runs its body on a fresh loop of each kind (``asyncio.run`` / ``uvloop.run``, debug on) against
 the fault server on 127.0.0.1, and counts fds and tasks before and after.
@@ -20,7 +23,15 @@ import pytest
 import uvloop
 
 from conftest import Resources, settle_resources
-from sidechain import ConnectError, ConnectTimeout, GatewayHTTPClient, Session
+from sidechain import (
+    ConnectError,
+    ConnectTimeout,
+    GatewayHTTPClient,
+    IdleTimeout,
+    ReadTimeout,
+    Session,
+    TotalTimeout,
+)
 from sidechain.client.sessions import CONNECTOR, DirectConnector
 
 LOOPS = ["asyncio", "uvloop"]
@@ -190,5 +201,35 @@ def test_only_one_plain_address_skips_happy_eyeballs(
             async with client.stream_post("/s?n=2", {}, session=pool) as s:
                 assert len([e async for e in s]) == 3
             assert calls == ([] if len(infos) == 1 else [len(infos)])
+
+    run_on(loop_kind, body)
+
+
+@pytest.mark.parametrize("loop_kind", LOOPS)
+def test_each_deadline_gives_its_own_error(loop_kind: str, fault_server: str) -> None:
+    """uvloop fires a timer up to a millisecond before loop.time() reaches it: still the deadline's error."""
+
+    async def body() -> None:
+        async with Session() as pool:
+            for session in (None, pool):
+                # deadlines with varied fractions of a millisecond: the old clock comparison failed 2-3 of 12
+                for i in range(12):
+                    client = GatewayHTTPClient(fault_server, total_timeout=0.03 + i * 0.0137)
+                    with pytest.raises(TotalTimeout):  # before the headers
+                        async with client.stream_post("/s?fault=stall_headers", {}, session=session):
+                            pass
+                    with pytest.raises(TotalTimeout):  # after them
+                        async with client.stream_post("/s?fault=stall", {}, session=session) as s:
+                            async for _ in s:
+                                pass
+                client = GatewayHTTPClient(fault_server, read_timeout=0.05)
+                with pytest.raises(ReadTimeout):
+                    async with client.stream_post("/s?fault=stall_headers", {}, session=session):
+                        pass
+                client = GatewayHTTPClient(fault_server, idle_timeout=0.05)
+                with pytest.raises(IdleTimeout):
+                    async with client.stream_post("/s?fault=stall", {}, session=session) as s:
+                        async for _ in s:
+                            pass
 
     run_on(loop_kind, body)
