@@ -488,13 +488,14 @@ def _fmt_eps(eps: float) -> str:
     return f"{eps / 1e6:.3f}M" if eps >= 1e6 else f"{eps / 1e3:.0f}k"
 
 
-def report(tp: dict[str, dict[str, list[float]]], tt: dict[str, dict[str, Any]], args: argparse.Namespace,
-           meta: dict[str, Any]) -> dict[str, Any]:
+def report(tp: dict[str, dict[str, list[float]]], tt: dict[str, dict[str, dict[str, Any]]],
+           args: argparse.Namespace, meta: dict[str, Any]) -> dict[str, Any]:
     figures: dict[str, Any] = {"meta": meta, "throughput": {}, "throughput_ratio": {}, "ttfe": {},
                                "ttfe_ratio": {}}
     if tp:
         _report_throughput(tp, args, figures)
-    _report_ttfe(tt, figures)
+    for loop, samples in tt.items():
+        figures["ttfe"][loop], figures["ttfe_ratio"][loop] = _report_ttfe(samples, loop)
     return figures
 
 
@@ -532,8 +533,10 @@ def _report_throughput(tp: dict[str, dict[str, list[float]]], args: argparse.Nam
               f"| {verdict} | {ceiling:.2f} |")
 
 
-def _report_ttfe(tt: dict[str, dict[str, Any]], figures: dict[str, Any]) -> None:
-    print(f"\n## Time to first event, sequential {SHORT_N}-event streams (POST)\n")
+def _report_ttfe(tt: dict[str, dict[str, Any]], loop: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The table of one loop's run; returns its figures and ratios."""
+    figures: dict[str, Any] = {"ttfe": {}, "ttfe_ratio": {}}
+    print(f"\n## Time to first event, sequential {SHORT_N}-event streams (POST), client loop: {loop}\n")
     print("| variant | calls | TTFE median ms | TTFE p99 ms | whole call median ms |")
     print("| --- | ---: | ---: | ---: | ---: |")
     for label, _attr, _lib, _fresh in TTFE_VARIANTS:
@@ -558,6 +561,7 @@ def _report_ttfe(tt: dict[str, dict[str, Any]], figures: dict[str, Any]) -> None
             target = f"<= {TARGET_TTFE}x: " + ("met" if r_med <= TARGET_TTFE else "**missed**")
         figures["ttfe_ratio"][lib] = entry
         print(f"| {lib} | {r_med:.2f}x | {r_p99:.2f}x | {target} |")
+    return figures["ttfe"], figures["ttfe_ratio"]
 
 
 # -- main ---------------------------------------------------------------------------------------------------
@@ -576,19 +580,21 @@ def start_server(prebuild: list[int]) -> tuple[subprocess.Popen[bytes], int]:
     return proc, int(line.split()[1])
 
 
-async def amain(args: argparse.Namespace, port: int) -> dict[str, Any]:
-    base = f"http://127.0.0.1:{port}"
-    t0 = time.perf_counter()
+async def amain(args: argparse.Namespace, port: int) -> dict[str, dict[str, list[float]]]:
+    """The throughput part (on the loop ``--uvloop`` chooses)."""
+    if args.ttfe_only:
+        return {}
     print(f"throughput: {args.events:,} events x {len(CONTENDERS)} clients x {len(MODES)} modes "
           f"x {args.rounds} rounds", file=sys.stderr, flush=True)
-    tp = {} if args.ttfe_only else await throughput(base, args.events, args.rounds, args.warm_events)
-    t1 = time.perf_counter()
-    print(f"  ({t1 - t0:.1f}s)\ntime to first event: {args.calls} calls per variant "
-          f"({args.httpx_fresh_calls} for httpx fresh)", file=sys.stderr, flush=True)
-    tt = await ttfe(base, args.calls, args.httpx_fresh_calls)
-    print(f"  ({time.perf_counter() - t1:.1f}s)", file=sys.stderr, flush=True)
-    return {"throughput": tp, "ttfe": tt, "seconds": {"throughput": t1 - t0,
-                                                      "ttfe": time.perf_counter() - t1}}
+    return await throughput(f"http://127.0.0.1:{port}", args.events, args.rounds, args.warm_events)
+
+
+def run_on(loop: str, coro: Any) -> Any:
+    if loop == "uvloop":
+        import uvloop
+
+        return uvloop.run(coro)
+    return asyncio.run(coro)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -600,6 +606,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", metavar="PATH", help="write the figures as JSON")
     parser.add_argument("--uvloop", action="store_true", help="run the clients on uvloop")
     parser.add_argument("--ttfe-only", action="store_true", help="only the time-to-first-event part")
+    parser.add_argument("--ttfe-loops", default="asyncio,uvloop",
+                        help="client loops to run the time-to-first-event part on, in turn (default both)")
     args = parser.parse_args(argv)
     args.events = args.events or (50_000 if args.quick else 200_000)
     args.rounds = args.rounds or (3 if args.quick else 5)
@@ -608,16 +616,24 @@ def main(argv: list[str] | None = None) -> int:
     args.warm_events = min(args.events, 5_000)
     if args.events < 4:
         parser.error("--events must be at least 4")
+    args.ttfe_loops = [x for x in args.ttfe_loops.split(",") if x]
+    if not set(args.ttfe_loops) <= {"asyncio", "uvloop"}:
+        parser.error("--ttfe-loops: asyncio and/or uvloop")
 
     digest = source_digest()
     proc, port = start_server([args.events, args.warm_events, SHORT_N])
+    seconds: dict[str, float] = {}
+    tt: dict[str, dict[str, Any]] = {}
     try:
-        if args.uvloop:
-            import uvloop
-
-            raw = uvloop.run(amain(args, port))
-        else:
-            raw = asyncio.run(amain(args, port))
+        t0 = time.perf_counter()
+        tp = run_on("uvloop" if args.uvloop else "asyncio", amain(args, port))
+        seconds["throughput"] = time.perf_counter() - t0
+        for loop in args.ttfe_loops:
+            t0 = time.perf_counter()
+            print(f"time to first event on {loop}: {args.calls} calls per variant "
+                  f"({args.httpx_fresh_calls} for httpx fresh)", file=sys.stderr, flush=True)
+            tt[loop] = run_on(loop, ttfe(f"http://127.0.0.1:{port}", args.calls, args.httpx_fresh_calls))
+            seconds[f"ttfe_{loop}"] = time.perf_counter() - t0
     finally:
         proc.terminate()
         try:
@@ -627,18 +643,19 @@ def main(argv: list[str] | None = None) -> int:
             proc.wait()
     meta = {
         "python": platform.python_version(), "platform": platform.platform(), "cpus": os.cpu_count(),
-        "loop": "uvloop" if args.uvloop else "asyncio", "events": args.events, "rounds": args.rounds,
+        "loop": "uvloop" if args.uvloop else "asyncio", "ttfe_loops": args.ttfe_loops, "events": args.events,
+        "rounds": args.rounds,
         "calls": args.calls, "httpx_fresh_calls": args.httpx_fresh_calls,
         "versions": {c.dist: _version(c.dist) for c in CONTENDERS} | {"httpx": _version("httpx"),
                                                                      "httpx2": _version("httpx2")},
-        "seconds": raw["seconds"], "sidechain_source_sha256": digest,
+        "seconds": seconds, "sidechain_source_sha256": digest,
     }
     if source_digest() != digest:
         print("warning: the sidechain sources changed during the run", file=sys.stderr)
     print(f"\nPython {meta['python']} on {meta['platform']}, {meta['cpus']} CPUs, "
-          f"client loop: {meta['loop']}, server: separate process (bench/_server.py), "
+          f"throughput client loop: {meta['loop']}, server: separate process (bench/_server.py, uvloop), "
           f"sidechain sources sha256 {digest}")
-    figures = report(raw["throughput"], raw["ttfe"], args, meta)
+    figures = report(tp, tt, args, meta)
     if args.json:
         Path(args.json).write_text(json.dumps(figures, indent=2) + "\n")
         print(f"\nfigures written to {args.json}")

@@ -31,8 +31,11 @@ from sidechain import (
     ReadTimeout,
     Session,
     TotalTimeout,
+    loops,
 )
+from sidechain.cli import main as cli_main
 from sidechain.client.sessions import CONNECTOR, DirectConnector
+from sidechain.loops import resolve_loop
 
 LOOPS = ["asyncio", "uvloop"]
 
@@ -233,3 +236,34 @@ def test_each_deadline_gives_its_own_error(loop_kind: str, fault_server: str) ->
                             pass
 
     run_on(loop_kind, body)
+
+
+def test_loop_choice(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("SIDECHAIN_LOOP", raising=False)
+    assert resolve_loop() == "uvloop"  # installed with uvicorn[standard]
+    assert resolve_loop("asyncio") == "asyncio"
+    monkeypatch.setenv("SIDECHAIN_LOOP", "asyncio")
+    assert resolve_loop() == "asyncio"
+    assert resolve_loop("uvloop") == "uvloop"  # an explicit choice wins over the environment
+    with pytest.raises(ValueError, match="unknown event loop 'trio'"):
+        resolve_loop("trio")
+
+
+def test_loops_run_uses_the_chosen_loop() -> None:
+    async def which() -> str:
+        return type(asyncio.get_running_loop()).__module__.split(".")[0]
+
+    assert loops.run(which(), loop="uvloop") == "uvloop"
+    assert loops.run(which(), loop="asyncio") == "asyncio"
+    with pytest.raises(ValueError):
+        loops.run(which(), loop="bogus")  # the coroutine is closed, not left "never awaited"
+
+
+def test_cli_rejects_an_unknown_loop(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("SIDECHAIN_LOOP", "bogus")
+    assert cli_main(["btw", "--conversation", "c_x", "hi", "--url", "http://127.0.0.1:9"]) == 2
+    assert "unknown event loop 'bogus'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli_main(["soak", "--loop", "bogus"])  # argparse: not one of the choices

@@ -25,13 +25,15 @@ from sidechain.soak.runner import measure
 
 
 @pytest.mark.timeout(240)
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
 def test_soak_quick_has_every_failure_counter_at_zero(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    loop: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     out = tmp_path / "soak.json"
-    code = main(["soak", "--quick", "--json", str(out)])
+    code = main(["soak", "--quick", "--loop", loop, "--json", str(out)])
     table = capsys.readouterr().out
     report = json.loads(out.read_text(encoding="utf-8"))
+    assert report["loop"] == loop and f"client loop {loop}" in table
     scenarios = {s["scenario"]: s for s in report["scenarios"]}
     failing = {
         n: {c: s[c] for c in FAILURE_COUNTERS if s[c]}

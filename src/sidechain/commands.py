@@ -17,6 +17,7 @@ import sys
 import time
 from typing import Any
 
+from . import loops
 from .client import Conversation, Fault
 from .client.btw import decode_payload
 from .errors import HTTPStatusError, SidechainError
@@ -70,7 +71,13 @@ def add_client_commands(sub: Any) -> None:
 
 def _run(coro: Any) -> int:
     try:
-        result: int = asyncio.run(coro)
+        loop = loops.resolve_loop()
+    except ValueError as exc:
+        coro.close()
+        print(f"sidechain: SIDECHAIN_LOOP: {exc}", file=sys.stderr)
+        return 2
+    try:
+        result: int = loops.run(coro, loop=loop)
         return result
     except HTTPStatusError as exc:
         print(f"sidechain: HTTP {exc.status}: {exc.body[:300]}", file=sys.stderr)

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import sys
 from typing import Any
+
+from .. import loops
+from ..loops import LOOP_CHOICES
 
 __all__ = ["add_soak_command", "cmd_soak", "parse_scenarios"]
 
@@ -47,6 +49,9 @@ def add_soak_command(sub: Any) -> None:
                    help="seconds of scenario 8, the mixed soak (default 1800); giving it adds scenario 8")
     p.add_argument("--seed", type=int, default=6, help="random seed (cancel moments, fault offsets)")
     p.add_argument("--no-progress", action="store_true", help="no progress lines on stderr")
+    p.add_argument("--loop", choices=LOOP_CHOICES, default=None,
+                   help="the client's event loop (default auto: uvloop when installed, as uvicorn chooses; "
+                   "env SIDECHAIN_LOOP)")
     p.set_defaults(func=cmd_soak)
 
 
@@ -60,7 +65,7 @@ def cmd_soak(args: argparse.Namespace) -> int:
     options = SoakOptions(quick=args.quick, url=args.url, scenarios=scenarios, duration=args.duration,
                           seed=args.seed, progress=not args.no_progress)
     try:
-        report = asyncio.run(run_soak(options))
+        report = loops.run(run_soak(options), loop=args.loop)
     except ValueError as exc:
         print(f"sidechain soak: {exc}", file=sys.stderr)
         return 2

@@ -113,6 +113,8 @@ class SoakReport:
 
     mode: str
     target: str
+    #: The client's event loop: ``asyncio`` or ``uvloop``.
+    loop: str = "asyncio"
     results: list[ScenarioResult] = field(default_factory=list)
     duration_s: float = 0.0
     context: dict[str, Any] = field(default_factory=dict)
@@ -128,6 +130,7 @@ class SoakReport:
             "ok": self.ok,
             "mode": self.mode,
             "target": self.target,
+            "loop": self.loop,
             "duration_s": round(self.duration_s, 1),
             "python": sys.version.split()[0],
             "platform": platform.platform(),

@@ -61,7 +61,8 @@ def print_report(report: SoakReport, console: Console | None = None, *, title: s
     """The table, then per scenario what it did (notes), its errors and warnings, then (``verdict``) the
     latency target and whether every failure counter is zero."""
     console = console or Console(width=max(170, Console().width))
-    head = title or f"sidechain soak ({report.mode}, {report.duration_s:.0f} s, {report.target})"
+    head = title or (f"sidechain soak ({report.mode}, {report.duration_s:.0f} s, client loop {report.loop}, "
+                     f"{report.target})")
     console.print(render_table(report.results, head))
     for r in report.results:
         lines: list[str] = []

@@ -120,7 +120,7 @@ async def run_soak(options: SoakOptions) -> SoakReport:
     started = time.perf_counter()
     say = _progress_printer(options.progress, started)
     report = SoakReport(mode="quick" if options.quick else "full",
-                        target=options.url or "gateway subprocesses on 127.0.0.1")
+                        target=options.url or "gateway subprocesses on 127.0.0.1", loop=_loop_name())
     debug = _debug_mode()
     with WarningSink() as sink, GcPauses() as gc_pauses:
         async with contextlib.AsyncExitStack() as stack:
@@ -154,6 +154,10 @@ async def run_soak(options: SoakOptions) -> SoakReport:
         if tally.unexpected > len(tally.samples):
             report.stray_warnings.append(f"... and {tally.unexpected - len(tally.samples)} more")
     return report
+
+
+def _loop_name() -> str:
+    return "uvloop" if type(asyncio.get_running_loop()).__module__.startswith("uvloop") else "asyncio"
 
 
 def _debug_mode() -> bool:
