@@ -469,12 +469,13 @@ async def test_protocol_error_keeps_events_before_it(fault_server: str) -> None:
 
 
 async def test_finished_calls_leave_no_reference_cycles(fault_server: str) -> None:
-    """Completion, ``break``, a dropped connection raised as ``ReadError``, an HTTP error, cancellation,
-    a retry with resume (dedicated or pooled session) and a session closed under its reader: the call's
-    stream, response, session and watchdog are freed as soon as the last reference goes. A cycle would
-    leave all of it for the garbage collector, whose passes stop the whole process (they were the tail
-    of the soak's cancel-to-release latency). The one cycle left per connection is asyncio's own
-    selector transport (``_read_ready_cb``), which holds nothing of ours."""
+    """Completion, ``break``, a dropped connection raised as ``ReadError``, an HTTP error, cancellation
+    (mid-stream and before the headers), a total deadline (before and after the headers), a retry with
+    resume (dedicated or pooled session) and a session closed under its reader: the call's stream,
+    response, session and watchdog are freed as soon as the last reference goes. A cycle would leave all
+    of it for the garbage collector, whose passes stop the whole process (they were the tail of the
+    soak's cancel-to-release latency). The one cycle left per connection is asyncio's own selector
+    transport (``_read_ready_cb``), which holds nothing of ours."""
     client = GatewayHTTPClient(fault_server, retry=FAST)
     pool = Session()
     runs = iter(range(1000))
@@ -514,6 +515,24 @@ async def test_finished_calls_leave_no_reference_cycles(fault_server: str) -> No
             with pytest.raises(asyncio.CancelledError):
                 await task
             del task
+
+            async def before_headers(session: Session | None = session) -> None:
+                async with client.stream_post("/s?fault=stall_headers", {}, session=session) as s:
+                    await collect(s)
+
+            task = asyncio.create_task(before_headers())  # cancelled while waiting for the headers
+            await asyncio.sleep(0.02)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            del task
+            deadline = GatewayHTTPClient(fault_server, total_timeout=0.03)
+            with pytest.raises(TotalTimeout):  # before the headers
+                async with deadline.stream_post("/s?fault=stall_headers", {}, session=session) as s:
+                    await collect(s)
+            with pytest.raises(TotalTimeout):  # mid-stream
+                async with deadline.stream_post("/s?fault=stall", {}, session=session) as s:
+                    await collect(s)
         closing = Session()
         with pytest.raises(SessionInvalidated):
             async with client.stream_post("/s?n=1000&gap=0.001", {}, session=closing) as s:

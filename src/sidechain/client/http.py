@@ -169,16 +169,19 @@ class EventStream:
         if self._deadline is not None:
             deadline_error = TotalTimeout(f"call exceeded total_timeout={self._client.total_timeout}s",
                                           timeout=self._client.total_timeout)
-        response = await self._session.request(
-            self._method,
-            self._url,
-            data=self._body,
-            headers=headers,
-            connect_timeout=self._client.connect_timeout,
-            read_timeout=self._client.read_timeout,
-            deadline=self._deadline,
-            deadline_error=deadline_error,
-        )
+        try:
+            response = await self._session.request(
+                self._method,
+                self._url,
+                data=self._body,
+                headers=headers,
+                connect_timeout=self._client.connect_timeout,
+                read_timeout=self._client.read_timeout,
+                deadline=self._deadline,
+                deadline_error=deadline_error,
+            )
+        finally:
+            deadline_error = None  # raised, it keeps this frame: holding it here would be a cycle
         try:
             self.status = response.status
             self.headers = response.headers

@@ -231,55 +231,63 @@ class Session:
         ``deadline_error`` if the loop time ``deadline`` passes. On cancellation the request is
         abandoned, its connection released, and ``CancelledError`` propagates.
         """
-        client = self._ensure()
-        loop = asyncio.get_running_loop()
-        timeout = aiohttp.ClientTimeout(total=None, connect=connect_timeout, sock_read=read_timeout)
-        if self.dedicated:
-            # Only its owning call uses a dedicated session, so no other task can close it under this
-            # request: send inline, without the watcher task a shared session needs.
-            limit = asyncio.timeout_at(deadline)
-            try:
-                async with limit:
-                    return await _send(client, method, url, data, headers, timeout)
-            except TimeoutError as exc:
-                # expired(), not a clock comparison: uvloop's timers may fire a little before loop.time()
-                # reaches the deadline (millisecond ticks)
-                if limit.expired():
-                    raise deadline_error or ConnectTimeout("deadline passed while connecting",
-                                                           timeout=connect_timeout) from exc
-                raise map_request_error(exc, connect_timeout=connect_timeout, read_timeout=read_timeout
-                                        ) from exc
-            except Exception as exc:
-                if self._closed:
-                    raise SessionInvalidated("the session was closed while a request was connecting") from exc
-                raise map_request_error(exc, connect_timeout=connect_timeout, read_timeout=read_timeout
-                                        ) from exc
-        task: asyncio.Task[aiohttp.ClientResponse] = loop.create_task(
-            _send(client, method, url, data, headers, timeout)
-        )
-        waker: asyncio.Future[None] = loop.create_future()
-        self._wakers.add(waker)
+        limit: asyncio.Timeout | None = None
         try:
-            wait_for = None if deadline is None else max(0.0, deadline - loop.time())
-            waitables: set[asyncio.Future[Any]] = {task, waker}
-            done, _ = await asyncio.wait(waitables, timeout=wait_for, return_when=asyncio.FIRST_COMPLETED)
-        except BaseException:
-            await _abandon(task)
-            raise
-        finally:
-            self._wakers.discard(waker)
-        if waker.done() or self._closed:
-            # the session closed meanwhile: whatever the request did, the answer is SessionInvalidated
-            await _abandon(task)
-            raise SessionInvalidated("the session was closed while a request was connecting")
-        if task in done:
+            client = self._ensure()
+            loop = asyncio.get_running_loop()
+            timeout = aiohttp.ClientTimeout(total=None, connect=connect_timeout, sock_read=read_timeout)
+            if self.dedicated:
+                # Only its owning call uses a dedicated session, so no other task can close it under this
+                # request: send inline, without the watcher task a shared session needs.
+                limit = asyncio.timeout_at(deadline)
+                try:
+                    async with limit:
+                        return await _send(client, method, url, data, headers, timeout)
+                except TimeoutError as exc:
+                    # expired(), not a clock comparison: uvloop's timers may fire a little before
+                    # loop.time() reaches the deadline (millisecond ticks)
+                    if limit.expired():
+                        raise deadline_error or ConnectTimeout("deadline passed while connecting",
+                                                               timeout=connect_timeout) from exc
+                    raise map_request_error(exc, connect_timeout=connect_timeout, read_timeout=read_timeout
+                                            ) from exc
+                except Exception as exc:
+                    if self._closed:
+                        raise SessionInvalidated("the session was closed while a request was connecting"
+                                                 ) from exc
+                    raise map_request_error(exc, connect_timeout=connect_timeout, read_timeout=read_timeout
+                                            ) from exc
+            task: asyncio.Task[aiohttp.ClientResponse] = loop.create_task(
+                _send(client, method, url, data, headers, timeout)
+            )
+            waker: asyncio.Future[None] = loop.create_future()
+            self._wakers.add(waker)
             try:
-                return task.result()
-            except Exception as exc:
-                raise map_request_error(exc, connect_timeout=connect_timeout, read_timeout=read_timeout
-                                        ) from exc
-        await _abandon(task)
-        raise deadline_error or ConnectTimeout("deadline passed while connecting", timeout=connect_timeout)
+                wait_for = None if deadline is None else max(0.0, deadline - loop.time())
+                waitables: set[asyncio.Future[Any]] = {task, waker}
+                done, _ = await asyncio.wait(waitables, timeout=wait_for, return_when=asyncio.FIRST_COMPLETED)
+            except BaseException:
+                await _abandon(task)
+                raise
+            finally:
+                self._wakers.discard(waker)
+            if waker.done() or self._closed:
+                # the session closed meanwhile: whatever the request did, the answer is SessionInvalidated
+                await _abandon(task)
+                raise SessionInvalidated("the session was closed while a request was connecting")
+            if task in done:
+                try:
+                    return task.result()
+                except Exception as exc:
+                    raise map_request_error(exc, connect_timeout=connect_timeout, read_timeout=read_timeout
+                                            ) from exc
+            await _abandon(task)
+            raise deadline_error or ConnectTimeout("deadline passed while connecting",
+                                                   timeout=connect_timeout)
+        finally:
+            # an error raised from here keeps this frame: holding that error (deadline_error) or the
+            # timeout (which holds this task, which holds the error) here would close a reference cycle
+            deadline_error = limit = None
 
     async def aclose(self) -> None:
         """Invalidate every open stream and pending request, then close every connection. Idempotent."""
