@@ -71,8 +71,12 @@ def _release_dropped(
     response: aiohttp.ClientResponse,
     on_release: Callable[[], None] | None,
     description: str,
+    session: Session | None,
+    stream_id: int,
 ) -> None:
     """Finalizer of a stream that was garbage collected while still open."""
+    if session is not None:
+        session._forget(stream_id)
     if not loop.is_closed():
         try:
             loop.call_soon_threadsafe(_close_response, response, on_release)
@@ -130,7 +134,8 @@ class SafeByteStream:
         self.state = StreamState.OPEN
         loop = asyncio.get_running_loop()
         self._finalizer = weakref.finalize(
-            self, _release_dropped, loop, response, on_release, f"sidechain stream of {response.url}"
+            self, _release_dropped, loop, response, on_release, f"sidechain stream of {response.url}",
+            session, id(self),
         )
         if session is not None:
             session._register(self)

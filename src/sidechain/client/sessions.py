@@ -155,8 +155,10 @@ class Session:
         self.dedicated = dedicated
         self._client: aiohttp.ClientSession | None = None
         self._finalizer: weakref.finalize[Any, Any] | None = None
-        # weak: a stream dropped by its user must stay collectable so its finalizer can release it
-        self._streams: weakref.WeakSet[SafeByteStream] = weakref.WeakSet()
+        # weak: a stream dropped by its user must stay collectable so its finalizer can release it (and
+        # remove it here). By id(): a dict of plain weak references gives the collector 2 objects per
+        # stream to track where a WeakSet gives it 8
+        self._streams: dict[int, weakref.ref[SafeByteStream]] = {}
         self._wakers: set[asyncio.Future[None]] = set()
         self._closed = False
 
@@ -201,16 +203,21 @@ class Session:
 
     @property
     def open_streams(self) -> int:
+        """Streams registered on this session and not released yet (a dropped one until its finalizer ran)."""
         return len(self._streams)
 
     def _register(self, stream: SafeByteStream) -> None:
         if self._closed:
             stream.invalidate(SessionInvalidated("the session was closed while the stream was opening"))
             return
-        self._streams.add(stream)
+        self._streams[id(stream)] = weakref.ref(stream)
 
     def _unregister(self, stream: SafeByteStream) -> None:
-        self._streams.discard(stream)
+        self._streams.pop(id(stream), None)
+
+    def _forget(self, stream_id: int) -> None:
+        """A stream was garbage collected (its finalizer runs while its id is still its own)."""
+        self._streams.pop(stream_id, None)
 
     async def request(
         self,
@@ -297,8 +304,10 @@ class Session:
         for waker in list(self._wakers):
             if not waker.done():
                 waker.set_result(None)
-        for stream in list(self._streams):
-            stream.invalidate(SessionInvalidated("the session was closed while the stream was open"))
+        for ref in list(self._streams.values()):
+            stream = ref()
+            if stream is not None:
+                stream.invalidate(SessionInvalidated("the session was closed while the stream was open"))
         self._streams.clear()
         client, self._client = self._client, None
         if self._finalizer is not None:
