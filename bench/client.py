@@ -619,6 +619,14 @@ def main(argv: list[str] | None = None) -> int:
     args.ttfe_loops = [x for x in args.ttfe_loops.split(",") if x]
     if not set(args.ttfe_loops) <= {"asyncio", "uvloop"}:
         parser.error("--ttfe-loops: asyncio and/or uvloop")
+    from sidechain.loops import resolve_loop
+
+    if resolve_loop("auto") != "uvloop":
+        if args.uvloop:
+            parser.error("--uvloop: uvloop is not installed")
+        if "uvloop" in args.ttfe_loops:
+            print("uvloop is not installed: time to first event on asyncio only", file=sys.stderr)
+            args.ttfe_loops = [x for x in args.ttfe_loops if x != "uvloop"]
 
     digest = source_digest()
     proc, port = start_server([args.events, args.warm_events, SHORT_N])

@@ -530,9 +530,13 @@ async def test_finished_calls_leave_no_reference_cycles(fault_server: str) -> No
             with pytest.raises(TotalTimeout):  # before the headers
                 async with deadline.stream_post("/s?fault=stall_headers", {}, session=session) as s:
                     await collect(s)
+            deadline = GatewayHTTPClient(fault_server, total_timeout=0.3)
+            entered = False
             with pytest.raises(TotalTimeout):  # mid-stream
                 async with deadline.stream_post("/s?fault=stall", {}, session=session) as s:
+                    entered = True
                     await collect(s)
+            assert entered
         closing = Session()
         with pytest.raises(SessionInvalidated):
             async with client.stream_post("/s?n=1000&gap=0.001", {}, session=closing) as s:

@@ -19,6 +19,7 @@ from typing import Any
 
 import aiohappyeyeballs
 import aiohttp
+import aiohttp.abc
 import pytest
 import uvloop
 
@@ -34,7 +35,7 @@ from sidechain import (
     loops,
 )
 from sidechain.cli import main as cli_main
-from sidechain.client.sessions import CONNECTOR, DirectConnector
+from sidechain.client.sessions import CONNECTOR, DirectConnector, _single_address
 from sidechain.loops import resolve_loop
 
 LOOPS = ["asyncio", "uvloop"]
@@ -178,11 +179,27 @@ def test_cancel_during_connect_leaves_nothing(loop_kind: str, fault_server: str)
         run_on(loop_kind, body)
 
 
+class Resolver(aiohttp.abc.AbstractResolver):
+    """Resolves every name to ``count`` entries of 127.0.0.1 (aiohttp's public resolver interface)."""
+
+    def __init__(self, count: int) -> None:
+        self.count = count
+
+    async def resolve(self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+                      ) -> list[aiohttp.abc.ResolveResult]:
+        entry: aiohttp.abc.ResolveResult = {"hostname": host, "host": "127.0.0.1", "port": port,
+                                            "family": socket.AF_INET, "proto": 0, "flags": 0}
+        return [dict(entry) for _ in range(self.count)]  # type: ignore[misc]
+
+    async def close(self) -> None:
+        pass
+
+
 @pytest.mark.parametrize("loop_kind", LOOPS)
 def test_only_one_plain_address_skips_happy_eyeballs(
     loop_kind: str, fault_server: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """aiohttp's happy-eyeballs path is skipped for an IP literal, still taken for several addresses."""
+    """aiohttp's happy-eyeballs path is skipped for one address, still taken for several."""
     port = int(fault_server.rsplit(":", 1)[1])
     calls: list[int] = []
     real = aiohappyeyeballs.start_connection
@@ -194,18 +211,34 @@ def test_only_one_plain_address_skips_happy_eyeballs(
     monkeypatch.setattr(aiohappyeyeballs, "start_connection", counted)
 
     async def body() -> None:
-        async with Session() as pool:
+        async with Session() as pool:  # an IP literal: no resolver at all
             client = GatewayHTTPClient(fault_server)
             async with client.stream_post("/s?n=2", {}, session=pool) as s:
                 assert len([e async for e in s]) == 3
-            assert calls == []
-            infos = await asyncio.get_running_loop().getaddrinfo("localhost", port, type=socket.SOCK_STREAM)
-            client = GatewayHTTPClient(f"http://localhost:{port}")
-            async with client.stream_post("/s?n=2", {}, session=pool) as s:
-                assert len([e async for e in s]) == 3
-            assert calls == ([] if len(infos) == 1 else [len(infos)])
+        assert calls == []
+        for count, expected in ((1, []), (2, [2])):
+            connector = DirectConnector(resolver=Resolver(count))
+            async with (aiohttp.ClientSession(connector=connector) as session,
+                        session.get(f"http://gateway.test:{port}/s?n=1") as resp):
+                assert resp.status == 200
+                await resp.read()
+            assert calls == expected, count
+            calls.clear()
 
     run_on(loop_kind, body)
+
+
+def test_single_address_rules() -> None:
+    def info(family: int, sockaddr: tuple[Any, ...]) -> tuple[Any, ...]:
+        return (family, socket.SOCK_STREAM, 6, "", sockaddr)
+
+    v4 = info(socket.AF_INET, ("127.0.0.1", 80))
+    assert _single_address([v4]) == (socket.AF_INET, 6, "127.0.0.1", 80)
+    assert _single_address([info(socket.AF_INET6, ("::1", 80, 0, 0))]) == (socket.AF_INET6, 6, "::1", 80)
+    assert _single_address([v4, v4]) is None
+    assert _single_address([]) is None
+    assert _single_address([info(socket.AF_INET6, ("fe80::1%eth0", 80, 0, 0))]) is None  # aiohttp's form
+    assert _single_address([info(socket.AF_INET6, ("fe80::1", 80, 0, 2))]) is None
 
 
 @pytest.mark.parametrize("loop_kind", LOOPS)
@@ -221,10 +254,15 @@ def test_each_deadline_gives_its_own_error(loop_kind: str, fault_server: str) ->
                     with pytest.raises(TotalTimeout):  # before the headers
                         async with client.stream_post("/s?fault=stall_headers", {}, session=session):
                             pass
+                for i in range(3):
+                    client = GatewayHTTPClient(fault_server, total_timeout=0.3 + i * 0.0137)
+                    entered = False
                     with pytest.raises(TotalTimeout):  # after them
                         async with client.stream_post("/s?fault=stall", {}, session=session) as s:
+                            entered = True
                             async for _ in s:
                                 pass
+                    assert entered
                 client = GatewayHTTPClient(fault_server, read_timeout=0.05)
                 with pytest.raises(ReadTimeout):
                     async with client.stream_post("/s?fault=stall_headers", {}, session=session):

@@ -34,12 +34,22 @@ def resolve_loop(choice: str | None = None) -> LoopName:
     choice = choice or os.environ.get("SIDECHAIN_LOOP") or "auto"
     if choice not in LOOP_CHOICES:
         raise ValueError(f"unknown event loop {choice!r} (choose from {', '.join(LOOP_CHOICES)})")
-    available = importlib.util.find_spec("uvloop") is not None
+    available = _uvloop_importable()
     if choice == "uvloop" and not available:
         raise ValueError("uvloop is not installed")
     if choice == "asyncio" or not available:
         return "asyncio"
     return "uvloop"
+
+
+def _uvloop_importable() -> bool:
+    if importlib.util.find_spec("uvloop") is None:
+        return False
+    try:
+        import uvloop  # noqa: F401 - present but broken (a failed build) counts as absent
+    except ImportError:
+        return False
+    return True
 
 
 def run(coro: Coroutine[Any, Any, T], *, loop: str | None = None, debug: bool | None = None) -> T:

@@ -19,6 +19,7 @@ __all__ = ["Watchdog"]
 
 #: How early a timer may fire: uvloop's timers tick in whole milliseconds, so one can run before
 #: ``loop.time()`` reaches its deadline; that counts as reached (rather than re-arming for a sliver).
+#: So the idle and total deadlines may end a stream up to 1 ms before they are due, never later.
 TIMER_SLACK = 0.001
 
 

@@ -77,16 +77,18 @@ class DirectConnector(aiohttp.TCPConnector):
         client_error: type[Exception] = aiohttp.ClientConnectorError,
         **kwargs: Any,
     ) -> tuple[asyncio.Transport, ResponseHandler]:
-        address = _single_address(addr_infos) if not kwargs.get("ssl") else None
-        if (address is None or getattr(self, "_local_addr_infos", None)
+        address = _single_address(addr_infos)
+        if (address is None or kwargs.get("ssl") or not kwargs.keys() <= _DIRECT_KWARGS
+                or getattr(self, "_local_addr_infos", None)
                 or getattr(self, "_socket_factory", None) is not None):
             return await super()._wrap_create_connection(
                 *args, addr_infos=addr_infos, req=req, timeout=timeout, client_error=client_error, **kwargs
             )
         family, proto, host, port = address
         loop: Any = self._loop
+        limit = timeout.sock_connect if timeout.sock_connect and timeout.sock_connect > 0 else None
         try:
-            async with asyncio.timeout(timeout.sock_connect):
+            async with asyncio.timeout(limit):
                 made: tuple[asyncio.Transport, ResponseHandler] = await loop.create_connection(
                     *args, host=host, port=port, family=family, proto=proto, **kwargs
                 )
@@ -97,13 +99,19 @@ class DirectConnector(aiohttp.TCPConnector):
             raise client_error(req.connection_key, exc) from exc
 
 
+#: The keyword arguments aiohttp's plain-TCP path passes on; with any other, aiohttp's own path is taken.
+_DIRECT_KWARGS = frozenset({"ssl", "server_hostname"})
+
+
 def _single_address(addr_infos: list[Any]) -> tuple[int, int, str, int] | None:
-    """``(family, proto, host, port)`` of the one IPv4 (or scope-less IPv6) address, else None."""
+    """``(family, proto, host, port)`` of the one address, else None (also for a scoped IPv6 address:
+    aiohttp keeps the scope in the host string, ``fe80::1%eth0``, which is left to its own path)."""
     if len(addr_infos) != 1:
         return None
     family, _type, proto, _name, sockaddr = addr_infos[0]
-    if family == socket.AF_INET or (family == socket.AF_INET6 and not sockaddr[3]):
-        return family, proto, sockaddr[0], sockaddr[1]
+    host, port = sockaddr[0], sockaddr[1]
+    if family == socket.AF_INET or (family == socket.AF_INET6 and "%" not in host and not sockaddr[3]):
+        return family, proto, host, port
     return None
 
 
