@@ -278,6 +278,28 @@ async def test_dropped_stream_on_dedicated_session_is_released(fault_server: str
     await assert_released(before)
 
 
+async def test_dropped_pooled_session_is_closed_by_finalizer_with_resource_warning(fault_server: str) -> None:
+    """A pooled Session dropped without aclose(): its idle connection is closed by a finalizer, with a
+    ResourceWarning; one closed with aclose() says nothing when it goes."""
+    client = GatewayHTTPClient(fault_server)
+    before = Resources.now()
+    pool = Session()
+    async with client.stream_post("/s?n=3", {}, session=pool) as s:
+        await collect(s)
+    assert pool.connection_count() == 1  # kept alive in the pool
+    with pytest.warns(ResourceWarning, match="Session was garbage collected without aclose"):
+        del pool, s  # the finished stream refers to its session too
+        gc.collect()
+    await assert_released(before)
+    closed = Session()
+    async with client.stream_post("/s?n=3", {}, session=closed) as s:
+        await collect(s)
+    await closed.aclose()
+    del closed, s
+    gc.collect()  # -W error: any warning here fails the test
+    await assert_released(before)
+
+
 # -- 5. close racing the connect --------------------------------------------------------------------
 
 
@@ -587,3 +609,21 @@ async def test_fail_with_an_error_raised_elsewhere_leaves_that_task_alone(fault_
         carry_on.set()
         assert await asyncio.wait_for(supervising, 5) == "finished"
         await stream.aclose()
+
+
+def test_on_drop_runs_once_unless_detached() -> None:
+    from sidechain.client.finalize import detach, on_drop
+
+    class Thing:
+        pass
+
+    calls: list[str] = []
+    a, b = Thing(), Thing()
+    handle_a = on_drop(a, calls.append, "a")
+    handle_b = on_drop(b, calls.append, "b")
+    assert detach(handle_b) is True
+    assert detach(handle_b) is False  # only the first detach ends it
+    del a, b
+    gc.collect()
+    assert calls == ["a"]
+    assert detach(handle_a) is False  # already ran

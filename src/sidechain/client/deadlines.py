@@ -27,11 +27,12 @@ class Watchdog:
     """Fails ``stream`` with :class:`IdleTimeout` when no event came for ``idle`` seconds, or with
     :class:`TotalTimeout` at the loop time ``deadline``. ``on_stall(name)`` is told which one fired.
 
-    A bound method given as ``on_stall`` is held weakly: the stream that owns this watchdog and is told
-    about its stalls would otherwise form a reference cycle with it, and every finished call would wait
-    for the garbage collector instead of being freed when its last reference goes."""
+    A bound method given as ``on_stall`` is held weakly (its object): the stream that owns this watchdog
+    and is told about its stalls would otherwise form a reference cycle with it, and every finished call
+    would wait for the garbage collector instead of being freed when its last reference goes."""
 
-    __slots__ = ("_loop", "_on_stall", "_stream", "_timer", "deadline", "idle", "last_event_at", "total")
+    __slots__ = ("_loop", "_on_stall", "_stall_owner", "_stream", "_timer", "deadline", "idle",
+                 "last_event_at", "total")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, *, idle: float | None, deadline: float | None,
                  total: float | None = None, on_stall: Callable[[str], None] | None = None) -> None:
@@ -39,10 +40,13 @@ class Watchdog:
         self.idle = idle
         self.deadline = deadline
         self.total = total
-        self._on_stall: Callable[[], Callable[[str], None] | None] | None = None
-        if on_stall is not None:
-            self._on_stall = (weakref.WeakMethod(on_stall) if isinstance(on_stall, types.MethodType)
-                              else lambda: on_stall)
+        # a bound method is kept as its function and a plain weak reference to its object (one object for
+        # the collector to track, where a WeakMethod makes three)
+        self._on_stall: Callable[..., None] | None = on_stall
+        self._stall_owner: weakref.ref[object] | None = None
+        if isinstance(on_stall, types.MethodType):
+            self._on_stall = on_stall.__func__
+            self._stall_owner = weakref.ref(on_stall.__self__)
         self._stream: SafeByteStream | None = None
         self._timer: asyncio.TimerHandle | None = None
         self.last_event_at = loop.time()
@@ -89,6 +93,11 @@ class Watchdog:
             self._arm()  # an event arrived meanwhile: re-arm for the next possible deadline
 
     def _stall(self, name: str) -> None:
-        callback = self._on_stall() if self._on_stall is not None else None
-        if callback is not None:
-            callback(name)
+        if self._on_stall is None:
+            return
+        if self._stall_owner is None:
+            self._on_stall(name)
+            return
+        owner = self._stall_owner()
+        if owner is not None:
+            self._on_stall(owner, name)

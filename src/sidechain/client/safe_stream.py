@@ -20,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import enum
 import warnings
-import weakref
 from collections.abc import Callable
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
@@ -28,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 import aiohttp
 
 from ..errors import ReadError, ReadTimeout, SidechainError
+from .finalize import detach, on_drop
 
 if TYPE_CHECKING:  # pragma: no cover
     from .sessions import Session
@@ -70,7 +70,6 @@ def _release_dropped(
     loop: asyncio.AbstractEventLoop,
     response: aiohttp.ClientResponse,
     on_release: Callable[[], None] | None,
-    description: str,
     session: Session | None,
     stream_id: int,
 ) -> None:
@@ -83,8 +82,8 @@ def _release_dropped(
         except RuntimeError:  # loop closed in between
             pass
     warnings.warn(
-        f"{description} was garbage collected without being closed; its connection was released by a "
-        "finalizer. Use `async with` or call aclose().",
+        f"sidechain stream of {response.url} was garbage collected without being closed; its connection "
+        "was released by a finalizer. Use `async with` or call aclose().",
         ResourceWarning,
         stacklevel=2,
     )
@@ -133,10 +132,7 @@ class SafeByteStream:
         self._error: SidechainError | None = None
         self.state = StreamState.OPEN
         loop = asyncio.get_running_loop()
-        self._finalizer = weakref.finalize(
-            self, _release_dropped, loop, response, on_release, f"sidechain stream of {response.url}",
-            session, id(self),
-        )
+        self._finalizer = on_drop(self, _release_dropped, loop, response, on_release, session, id(self))
         if session is not None:
             session._register(self)
 
@@ -226,7 +222,7 @@ class SafeByteStream:
         self._release(close=True)
 
     def _release(self, *, close: bool) -> None:
-        if not self._finalizer.detach():
+        if not detach(self._finalizer):
             return  # already released
         if close:
             self._response.close()

@@ -28,6 +28,7 @@ from ..errors import (
     SessionInvalidated,
     SidechainError,
 )
+from .finalize import DropHandle, detach, on_drop
 
 if TYPE_CHECKING:  # pragma: no cover
     from .safe_stream import SafeByteStream
@@ -162,7 +163,7 @@ class Session:
         self._keepalive = keepalive_timeout
         self.dedicated = dedicated
         self._client: aiohttp.ClientSession | None = None
-        self._finalizer: weakref.finalize[Any, Any] | None = None
+        self._finalizer: DropHandle[Session] | None = None
         # weak: a stream dropped by its user must stay collectable so its finalizer can release it (and
         # remove it here). By id(): a dict of plain weak references gives the collector 2 objects per
         # stream to track where a WeakSet gives it 8
@@ -195,9 +196,8 @@ class Session:
                 timeout=_NO_TOTAL_TIMEOUT,
                 auto_decompress=False,
             )
-            self._finalizer = weakref.finalize(
-                self, _reap_session, asyncio.get_running_loop(), self._client, not self.dedicated
-            )
+            self._finalizer = on_drop(self, _reap_session, asyncio.get_running_loop(), self._client,
+                                      not self.dedicated)
         return self._client
 
     def connection_count(self) -> int:
@@ -319,7 +319,7 @@ class Session:
         self._streams.clear()
         client, self._client = self._client, None
         if self._finalizer is not None:
-            self._finalizer.detach()
+            detach(self._finalizer)
         if client is not None:
             await client.close()
 
