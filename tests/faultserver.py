@@ -13,7 +13,8 @@ told otherwise, ends with ``event: done``. Query parameters:
   (one comment byte every 300 ms),
   ``status`` (answer ``code`` for the first ``faults`` attempts, with ``retry_after`` if given),
   ``early`` (end cleanly after ``at`` events, no ``done``), ``html`` (wrong content type),
-  ``status_always`` (always ``code``).
+  ``status_always`` (always ``code``), ``longline`` (a ``size``-byte data line, default 2000, before
+  event ``at``).
 * ``Last-Event-ID`` resumes after that id.
 """
 
@@ -103,6 +104,12 @@ async def stream(request: web.Request) -> web.StreamResponse:
     chunk = q.get("chunk", "event")
     buf = bytearray()
     for k in range(start, n):
+        if k == at and fault == "longline":  # a line over any small max_line_bytes, then the rest
+            line = b"data: " + b"x" * int(q.get("size", "2000")) + b"\n\n"
+            if chunk == "all":
+                buf += line
+            else:
+                await resp.write(line)
         if faulty and k == at and fault in ("fin", "rst", "early"):
             if buf:
                 await resp.write(bytes(buf))

@@ -627,3 +627,38 @@ def test_on_drop_runs_once_unless_detached() -> None:
     gc.collect()
     assert calls == ["a"]
     assert detach(handle_a) is False  # already ran
+
+
+async def test_idle_timeout_does_not_count_the_consumers_own_time(fault_server: str) -> None:
+    """Events every 50 ms, idle_timeout 0.2 s, a consumer that spends 0.3 s on each event: the server
+    is never idle for 0.2 s while the consumer waits, so the stream must not fail."""
+    client = GatewayHTTPClient(fault_server, idle_timeout=0.2)
+    got: list[str] = []
+    async with client.stream_post("/s?n=4&gap=0.05", {}) as s:
+        async for event in s:
+            got.append(event.id)
+            await asyncio.sleep(0.3)  # the consumer's own work (the behaviour under test)
+    assert got == ["0", "1", "2", "3", "4"]
+    # and idle time while the consumer waits still counts (a stall after headers)
+    with pytest.raises(IdleTimeout):
+        async with client.stream_post("/s?fault=stall", {}) as s:
+            await collect(s)
+
+
+async def test_no_request_after_the_final_error(fault_server: str) -> None:
+    """Iterating again after the stream raised its final error ends it; it never sends the (perhaps
+    non-idempotent) request again."""
+    observed: list[StreamObservation] = []
+    client = GatewayHTTPClient(fault_server, observer=observed.append, retry=FAST)
+    path = "/s?n=10&ids=0&fault=fin&at=2"  # a drop after 2 events without ids: cannot resume
+    async with client.stream_post(path + "&u=plain", {}) as s:
+        with pytest.raises(ReadError):
+            await collect(s)
+        with pytest.raises(StopAsyncIteration):
+            await s.__anext__()
+    async with client.stream_post_with_retry(path + "&u=retry", {}) as s:
+        with pytest.raises(StreamInterrupted):
+            await collect(s)
+        with pytest.raises(StopAsyncIteration):
+            await s.__anext__()
+    assert [o.kind for o in observed].count("connect") == 2  # one request per call

@@ -10,7 +10,7 @@ from urllib.parse import urlsplit
 import pytest
 
 from conftest import Resources, settle_resources
-from sidechain import BtwClient, Conversation, EventStreamClient, Fault, RetryPolicy
+from sidechain import BtwClient, ConnectError, Conversation, EventStreamClient, Fault, RetryPolicy
 from sidechain.chaos import ChaosProxy, FaultPlan
 from sidechain.client.btw import decode_payload
 from sidechain.gateway.testing import GatewayProcess, running_gateway
@@ -192,3 +192,24 @@ async def test_readme_example_runs() -> None:
                      "README.md", "exec"), namespace)
         await namespace["__example"]()  # type: ignore[operator]
 
+
+
+async def test_ask_gives_up_when_the_gateway_stays_down() -> None:
+    """ask() waits through reconnects, but not forever: with the gateway killed mid-turn and not
+    restarted, it raises the connection's error after max_reconnects failed attempts in a row."""
+    async with GatewayProcess("--echo-pace", "20") as gp:
+        conv = await Conversation.create(gp.url)
+        asking = asyncio.create_task(conv.ask("one two three four five six seven eight nine ten",
+                                              max_reconnects=3))
+        for _ in range(500):  # until the turn streams (so ask() is reading its event stream), at most 5 s
+            active = (await conv.history())["active_turn"]
+            if active and active["partial_text"]:
+                break
+            await asyncio.sleep(0.01)
+        else:
+            pytest.fail("the turn never started streaming")
+        await gp.kill()
+        done, _ = await asyncio.wait({asking}, timeout=20)
+        assert done, "ask() still waiting 20 s after the gateway died"
+        with pytest.raises(ConnectError):
+            asking.result()

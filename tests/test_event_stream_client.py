@@ -11,7 +11,7 @@ import uuid
 import pytest
 
 from conftest import Resources, library_garbage, settle_resources
-from sidechain import EventStreamClient, Fault, HTTPStatusError, ProtocolError, ReadError
+from sidechain import EventStreamClient, Fault, HTTPStatusError, ProtocolError, ReadError, RetryPolicy
 from sidechain.client import StreamEnded
 from sidechain.errors import IdleTimeout
 from sidechain.sse import Comment, Event
@@ -213,3 +213,75 @@ async def test_closed_client_leaves_no_reference_cycles(fault_server: str) -> No
         gc.garbage.clear()
         gc.enable()
     assert leftover == {}, f"reference cycles left by a closed EventStreamClient: {leftover}"
+
+
+async def test_slow_consumer_with_a_full_buffer_is_not_an_idle_server(fault_server: str) -> None:
+    """An event every 100 ms, idle_timeout 0.25 s, a buffer of 1, a consumer that spends 0.3 s on each
+    event: the reader waits on the full buffer longer than 0.25 s after each event it read, which is
+    the consumer's time, not the server idling, so no IdleTimeout and no reconnect."""
+    url = f"{fault_server}/s?n=6&gap=0.1&retry=10&u={fresh()}"
+    items: list[Event | Comment | Fault] = []
+    async with EventStreamClient(url, idle_timeout=0.25, buffer_items=1) as client:
+        async for item in client.items():
+            items.append(item)
+            if isinstance(item, Event):
+                if item.event == "done":
+                    break
+                await asyncio.sleep(0.3)  # the consumer's own work (the behaviour under test)
+    assert [i for i in items if isinstance(i, Fault)] == []  # no IdleTimeout before the last event
+    assert [i.id for i in items if isinstance(i, Event)] == [str(i) for i in range(7)]
+
+
+@pytest.mark.parametrize("digits", [400, 5000])
+async def test_huge_retry_value_is_capped_not_a_crash(fault_server: str, digits: int) -> None:
+    url = f"{fault_server}/s?n=1&retry={'9' * digits}&u={fresh()}"
+    async with EventStreamClient(url, max_reconnect_delay=0.05) as client:
+        async for item in client.items():
+            if isinstance(item, Fault):
+                break
+    assert isinstance(item, Fault) and isinstance(item.error, StreamEnded) and item.will_retry
+    assert item.delay == 0.05, "the server's huge retry: value, capped at max_reconnect_delay"
+    assert client.retry_hint is not None and client.retry_hint >= 10**14
+
+
+async def test_a_server_that_ends_every_stream_at_once_is_retried_without_end(fault_server: str) -> None:
+    """Over a thousand reconnects in a row, never healthy: the backoff stays at its cap (the doubling
+    once overflowed a float after 1,025 failures and crashed the client)."""
+    url = f"{fault_server}/s?n=0&retry=0&u={fresh()}"  # after the first, every stream is empty
+    faults = 0
+    async with EventStreamClient(url, max_reconnect_delay=0.0005) as client:
+        async for item in client.items():
+            if isinstance(item, Fault):
+                assert item.will_retry and item.delay <= 0.0005
+                faults += 1
+                if faults == 1100:
+                    break
+    assert client.failures >= 1100
+
+
+@pytest.mark.parametrize(("query", "delay"), [("retry_after=120", 0.2), ("retry_after_ms=30", 0.03)])
+async def test_retry_after_of_an_error_is_honoured_up_to_the_cap(fault_server: str, query: str,
+                                                                delay: float) -> None:
+    url = f"{fault_server}/s?n=1&fault=status&code=503&{query}&u={fresh()}"
+    async with EventStreamClient(url, max_reconnect_delay=0.2, initial_reconnect_delay=1.0) as client:
+        items = await take(client, 1)
+    faults = [i for i in items if isinstance(i, Fault)]
+    assert isinstance(faults[0].error, HTTPStatusError) and faults[0].error.status == 503
+    assert faults[0].delay == pytest.approx(delay)
+
+
+async def test_events_before_a_protocol_error_are_delivered(fault_server: str) -> None:
+    url = f"{fault_server}/s?n=5&fault=longline&at=3&chunk=all&u={fresh()}"
+    got: list[str] = []
+    async with EventStreamClient(url, max_line_bytes=1000, retry=RetryPolicy(max_attempts=1)) as client:
+        with pytest.raises(ProtocolError) as info:
+            async for event in client:
+                got.append(event.id)
+    assert info.value.rule == "max_line_bytes"
+    assert got == ["0", "1", "2"] and client.last_event_id == "2"
+
+
+async def test_iterating_a_closed_client_ends(fault_server: str) -> None:
+    client = EventStreamClient(f"{fault_server}/s?n=3&u={fresh()}")
+    await client.aclose()
+    assert [item async for item in client.items()] == []

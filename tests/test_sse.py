@@ -329,3 +329,18 @@ def test_any_chunking_gives_the_same_events(data: bytes, cuts: list[int]) -> Non
     assert whole == split
     assert d1.last_event_id == d2.last_event_id
     assert d1.retry == d2.retry
+
+
+def test_retry_with_too_many_digits_is_the_ceiling_not_an_error() -> None:
+    from sidechain.sse import RETRY_CEILING
+
+    for digits in (16, 400, 5000):  # int() of 5000 digits raises ValueError in Python 3.11+
+        for line_end in (b"\n", b"\r\n"):  # the fast path and the general one
+            decoder = Decoder()
+            block = b"retry: " + b"9" * digits + line_end * 2 + b"data: x" + line_end * 2
+            events = decoder.feed(block)
+            assert [e.data for e in events] == ["x"]
+            assert decoder.retry == RETRY_CEILING
+    decoder = Decoder()
+    decoder.feed(b"retry: " + b"9" * 15 + b"\n\n")
+    assert decoder.retry == 10**15 - 1

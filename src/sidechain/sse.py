@@ -14,7 +14,8 @@ The rules implemented (https://html.spec.whatwg.org/multipage/server-sent-events
 * ``data`` lines are joined with ``\\n``; an empty line dispatches the event; a block without ``data``
   dispatches nothing but still sets the last event id;
 * ``id`` containing NUL is ignored; an empty ``id`` resets the last event id;
-* ``retry`` is used only when it is all ASCII digits;
+* ``retry`` is used only when it is all ASCII digits (more than 15 digits, a wait of over 30,000
+  years, is read as :data:`RETRY_CEILING`: Python's ``int()`` refuses very long digit strings);
 * an event not finished by an empty line before the end of the stream is dropped;
 * invalid UTF-8 becomes U+FFFD, wherever the chunk boundaries fall.
 
@@ -42,6 +43,7 @@ from sidechain.errors import EncodeError, ProtocolError
 __all__ = [
     "DEFAULT_MAX_EVENT_BYTES",
     "DEFAULT_MAX_LINE_BYTES",
+    "RETRY_CEILING",
     "Comment",
     "Decoder",
     "Encoder",
@@ -51,6 +53,9 @@ __all__ = [
 
 DEFAULT_MAX_LINE_BYTES = 1 << 20
 DEFAULT_MAX_EVENT_BYTES = 16 << 20
+#: ``retry:`` values with more digits than this are read as :data:`RETRY_CEILING` milliseconds.
+RETRY_MAX_DIGITS = 15
+RETRY_CEILING = 10**RETRY_MAX_DIGITS - 1
 
 _BOM = b"\xef\xbb\xbf"
 
@@ -206,7 +211,7 @@ class Decoder:
                     if self._comments:
                         out.append(Comment(value))
                 elif field == "retry" and value.isascii() and value.isdigit():
-                    self.retry = int(value)
+                    self.retry = int(value) if len(value) <= RETRY_MAX_DIGITS else RETRY_CEILING
                 break
         self._id_buffer = self._last_id = id_buffer
         return out
@@ -367,7 +372,7 @@ class Decoder:
                 if self._comments:
                     out.append(Comment(value.decode("utf-8", "replace")))
             elif field == b"retry" and value.isdigit():
-                self.retry = int(value)
+                self.retry = int(value) if len(value) <= RETRY_MAX_DIGITS else RETRY_CEILING
         self._data = data
         self._data_size = size
         self._etype = etype

@@ -21,6 +21,7 @@ from ..errors import ProtocolError, RemoteError
 from .btw import BtwAnswer, BtwClient, decode_payload
 from .events import EventStreamClient
 from .http import GatewayHTTPClient
+from .retry import RetryPolicy
 
 __all__ = ["Conversation"]
 
@@ -84,7 +85,11 @@ class Conversation:
         return note_id
 
     def events(self, *, last_event_id: str | None = None, **options: Any) -> EventStreamClient:
-        """The conversation's event stream (``async with conv.events() as events: ...``)."""
+        """The conversation's event stream (``async with conv.events() as events: ...``), with the
+        client's token, headers, connect and read timeouts unless ``options`` say otherwise."""
+        options.setdefault("headers", self.http.headers)
+        options.setdefault("connect_timeout", self.http.connect_timeout)
+        options.setdefault("read_timeout", self.http.read_timeout)
         return EventStreamClient(
             self.http.url(f"{self._path}/events"), last_event_id=last_event_id, token=self.http.token,
             **options,
@@ -110,10 +115,18 @@ class Conversation:
             raise ValueError("no turn to cancel")
         await self.http.request_json("POST", f"{self._path}/turns/{quote(turn, safe='')}/cancel", {})
 
-    async def ask(self, text: str) -> str:
-        """Send ``text`` and wait for the main turn's whole answer (raises :class:`RemoteError` if the
-        turn fails)."""
-        async with self.events(initial_reconnect_delay=0.2) as events:
+    async def ask(self, text: str, *, max_reconnects: int = 8) -> str:
+        """Send ``text`` and wait for the main turn's whole answer.
+
+        Raises :class:`RemoteError` if the turn fails, and the connection's error once the event stream
+        failed ``max_reconnects`` times in a row: a gateway that restarts is waited for, one that stays
+        down is not waited for forever. Bound the whole wait with ``asyncio.timeout(...)``.
+        """
+        retry = RetryPolicy(max_attempts=max_reconnects, base_delay=0.2, max_delay=5.0)
+        return await self._ask(text, retry)
+
+    async def _ask(self, text: str, retry: RetryPolicy) -> str:
+        async with self.events(initial_reconnect_delay=0.2, max_reconnect_delay=5.0, retry=retry) as events:
             turn_id = await self.send(text)
             parts: list[str] = []
             async for event in events:

@@ -31,7 +31,7 @@ class Watchdog:
     and is told about its stalls would otherwise form a reference cycle with it, and every finished call
     would wait for the garbage collector instead of being freed when its last reference goes."""
 
-    __slots__ = ("_loop", "_on_stall", "_stall_owner", "_stream", "_timer", "deadline", "idle",
+    __slots__ = ("_loop", "_on_stall", "_stall_owner", "_stream", "_timer", "deadline", "held", "idle",
                  "last_event_at", "total")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, *, idle: float | None, deadline: float | None,
@@ -50,16 +50,29 @@ class Watchdog:
         self._stream: SafeByteStream | None = None
         self._timer: asyncio.TimerHandle | None = None
         self.last_event_at = loop.time()
+        #: The consumer has the last event and has not asked for the next one yet: the server is not
+        #: idle then, the consumer is busy, so that time does not count towards ``idle``.
+        self.held = False
 
     def watch(self, stream: SafeByteStream) -> None:
         """Start watching a newly opened stream; the idle clock starts now."""
         self.stop()
         self._stream = stream
+        self.held = False
         self.last_event_at = self._loop.time()
         self._arm()
 
     def event(self) -> None:
         """An event arrived (comments do not count): the idle clock restarts."""
+        self.last_event_at = self._loop.time()
+
+    def hold(self) -> None:
+        """The consumer took an event (or its buffer is full): until :meth:`waiting`, no idle time counts."""
+        self.held = True
+
+    def waiting(self) -> None:
+        """The consumer asks for the next event: the idle clock restarts now."""
+        self.held = False
         self.last_event_at = self._loop.time()
 
     def stop(self) -> None:
@@ -72,7 +85,7 @@ class Watchdog:
     def _arm(self) -> None:
         when = self.deadline
         if self.idle is not None:
-            idle_at = self.last_event_at + self.idle
+            idle_at = (self._loop.time() if self.held else self.last_event_at) + self.idle
             when = idle_at if when is None else min(when, idle_at)
         if when is not None:
             self._timer = self._loop.call_at(when, self._fire)
@@ -86,11 +99,11 @@ class Watchdog:
         if self.deadline is not None and now >= self.deadline:
             self._stall("total_timeout")
             stream.fail(TotalTimeout(f"call exceeded total_timeout={self.total}s", timeout=self.total))
-        elif self.idle is not None and now >= self.last_event_at + self.idle:
+        elif self.idle is not None and not self.held and now >= self.last_event_at + self.idle:
             self._stall("idle_timeout")
             stream.fail(IdleTimeout(f"no event for idle_timeout={self.idle}s", timeout=self.idle))
         else:
-            self._arm()  # an event arrived meanwhile: re-arm for the next possible deadline
+            self._arm()  # an event arrived meanwhile, or the consumer holds one: re-arm
 
     def _stall(self, name: str) -> None:
         if self._on_stall is None:

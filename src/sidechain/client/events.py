@@ -22,11 +22,11 @@ from ..errors import (
     ProtocolError,
     SidechainError,
 )
-from ..sse import Comment, Decoder, Event
+from ..sse import DEFAULT_MAX_EVENT_BYTES, DEFAULT_MAX_LINE_BYTES, Comment, Decoder, Event
 from .deadlines import Watchdog
 from .http import read_error_body
 from .observe import Observer, StreamObservation
-from .retry import RetryPolicy
+from .retry import RetryPolicy, parse_retry_after
 from .safe_stream import SafeByteStream
 from .sessions import Session
 
@@ -59,11 +59,13 @@ class EventStreamClient:
     :class:`Fault` items, so a caller sees every drop and reconnect while the iteration goes on.
 
     Reconnects after network errors, read or idle timeouts and a clean end of stream: the first wait is
-    the server's ``retry:`` value exactly (else ``initial_reconnect_delay``); repeated failures back off
-    exponentially with jitter up to ``max_reconnect_delay``; the count resets after a connection stayed
-    up ``healthy_after`` seconds. ``Last-Event-ID`` is sent on reconnect (and first, if given). A 204
-    ends the stream for good. Other statuses and a wrong content type are errors, retried only where
-    ``retry`` (a :class:`RetryPolicy`) says so; a final error ends iteration by raising it.
+    the server's ``retry:`` value exactly (else ``initial_reconnect_delay``; a ``Retry-After`` or
+    ``retry-after-ms`` of an error response wins; none longer than ``max_reconnect_delay``); repeated
+    failures back off exponentially with jitter up to ``max_reconnect_delay``; the count resets after a
+    connection stayed up ``healthy_after`` seconds. ``Last-Event-ID`` is sent on reconnect (and first,
+    if given). A 204 ends the stream for good. Other statuses and a wrong content type are errors,
+    retried only where ``retry`` (a :class:`RetryPolicy`) says so; a final error ends iteration by
+    raising it.
 
     At most ``buffer_items`` items (events, comments, faults) wait for the iterators. When the buffer is
     full the connection is not read: aiohttp's own read buffer (bounded, it pauses the socket) fills,
@@ -71,7 +73,9 @@ class EventStreamClient:
     sidechain gateway does, past 1024 events, with an ``error`` event; the stream then resumes from
     the last id it delivered).
 
-    ``aclose()`` is idempotent, callable from any task, and wakes every iterator (they end).
+    ``aclose()`` is idempotent, callable from any task, and wakes every iterator (they end); iterating a
+    closed client ends at once. A failure nothing here expected (a bug) ends the stream with a
+    :class:`SidechainError` raised to the iterators (the original as its cause), never a silent end.
     ``restart()`` drops the connection and reconnects at once.
     """
 
@@ -94,6 +98,8 @@ class EventStreamClient:
         observer: Observer | None = None,
         buffer_items: int = 1024,
         token: str | None = None,
+        max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
+        max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES,
     ) -> None:
         self.url = url
         self.method = method.upper()
@@ -103,7 +109,8 @@ class EventStreamClient:
         self._headers = dict(headers or {})
         if token:
             self._headers.setdefault("Authorization", f"Bearer {token}")
-        self._decoder = Decoder(comments=True, last_event_id=last_event_id or "")
+        self._decoder = Decoder(comments=True, last_event_id=last_event_id or "",
+                                max_line_bytes=max_line_bytes, max_event_bytes=max_event_bytes)
         self.initial_reconnect_delay = initial_reconnect_delay
         self.max_reconnect_delay = max_reconnect_delay
         self.healthy_after = healthy_after
@@ -158,12 +165,11 @@ class EventStreamClient:
         self._writable.set()
         if self._stream is not None:
             self._stream.fail(_Restart("closed"))
-        task, self._task = self._task, None
+        task = self._task  # kept until it ended: a second, concurrent aclose() waits for it too
         if task is not None and task is not asyncio.current_task():
             task.cancel()
             await asyncio.wait({task})
-            if not task.cancelled() and task.exception() is not None:  # pragma: no cover - a bug
-                raise task.exception()  # type: ignore[misc]
+        self._task = None  # a finished task keeps its frames' errors: not kept from here
 
     async def restart(self) -> None:
         """Drop the current connection and reconnect now (with ``Last-Event-ID``)."""
@@ -203,8 +209,11 @@ class EventStreamClient:
                 yield item
 
     async def items(self) -> AsyncIterator[Item]:
-        """Every item: events, comments, and a :class:`Fault` for each drop. Raises the final error."""
-        self.open()
+        """Every item: events, comments, and a :class:`Fault` for each drop. Raises the final error.
+
+        On a closed client it yields what is still buffered, then ends."""
+        if not self._closed:
+            self.open()
         buffer = self._buffer
         while True:
             if buffer:
@@ -228,8 +237,13 @@ class EventStreamClient:
         while start < len(items):
             room = self._max_items - len(buffer)
             if room <= 0:
+                watchdog = self._watchdog
+                if watchdog is not None:
+                    watchdog.hold()  # a full buffer is the consumer's time, not the server's idling
                 self._writable.clear()
                 await self._writable.wait()
+                if watchdog is not None:
+                    watchdog.waiting()
                 continue
             if start == 0 and len(items) <= room:
                 buffer.extend(items)
@@ -287,6 +301,15 @@ class EventStreamClient:
                 if delay > 0:
                     await asyncio.sleep(delay)
                 self.reconnect_at = None
+        except Exception as exc:  # a bug, or input nothing above expected: typed, and the iterators see it
+            error = exc if isinstance(exc, SidechainError) else SidechainError(
+                f"event stream failed: {type(exc).__name__}: {exc}")
+            if error is not exc:
+                error.__cause__ = exc
+            self._final_error = error
+            del exc
+            fault, error = Fault(error, will_retry=False), None  # no local left to lead back to it
+            await self._put([fault])
         finally:
             self._set_status("closed")
             self._readable.set()
@@ -340,7 +363,13 @@ class EventStreamClient:
                 chunk = await stream.read()
                 if not chunk:
                     return False  # clean end: EventSource reconnects
-                items: list[Any] = decoder.feed(chunk)
+                try:
+                    items: list[Any] = decoder.feed(chunk)
+                except ProtocolError as exc:
+                    if exc.events:  # decoded before the broken line (and counted in last_event_id)
+                        watchdog.event()
+                        await self._put(list(exc.events))
+                    raise
                 if items:
                     if any(isinstance(i, Event) for i in items):
                         watchdog.event()
@@ -351,17 +380,18 @@ class EventStreamClient:
             stream = response = None  # type: ignore[assignment]
 
     def _reconnect_delay(self, error: BaseException) -> float:
+        """The wait before the next connection, never more than ``max_reconnect_delay``."""
         if isinstance(error, HTTPStatusError):
-            decision = self._retry.decide(1, error)
-            if decision.action != "give_up" and decision.delay and "retry-after" in {
-                k.lower() for k in error.headers
-            }:
-                return decision.delay
+            asked = parse_retry_after(error.headers)  # Retry-After or retry-after-ms
+            if asked is not None:
+                return min(asked, self.max_reconnect_delay)
         hint = self._decoder.retry
-        base = hint / 1000.0 if hint is not None else self.initial_reconnect_delay
+        base = self.initial_reconnect_delay if hint is None else min(hint / 1000.0, self.max_reconnect_delay)
         if self.failures <= 1:
-            return base  # the server's retry value, exactly
-        ceiling = min(self.max_reconnect_delay, max(base, 0.001) * 2 ** (self.failures - 1))
+            return base  # the server's retry value, exactly (up to max_reconnect_delay)
+        # the exponent is capped: a server that ends every stream at once makes failures grow without
+        # end, and 2.0 ** 1025 is past a float
+        ceiling = min(self.max_reconnect_delay, max(base, 0.001) * 2.0 ** min(self.failures - 1, 64))
         return random.uniform(ceiling / 2, ceiling)
 
     def _set_status(self, status: StreamStatus) -> None:

@@ -211,6 +211,7 @@ class EventStream:
 
     async def _after_failure(self, exc: SidechainError) -> None:
         """Ask the policy; sleep and return to retry, or raise what it says."""
+        retrying = False
         try:
             if self._bytes is not None:
                 self._bytes.close_nowait()
@@ -239,15 +240,19 @@ class EventStream:
                     f"call would exceed total_timeout={self._client.total_timeout}s while waiting to retry",
                     timeout=self._client.total_timeout,
                 ) from exc
+            retrying = True
             self._emit("retry", attempt=self._attempt, delay=delay, action=decision.action, error=repr(exc))
             if delay > 0:
                 await asyncio.sleep(delay)
         finally:
+            if not retrying:
+                self._done = True  # the error raised from here is final: no request after it
             # raised from here, the error would reach itself through this frame (directly, or through
             # the decision that carries it): a reference cycle
             exc = decision = None  # type: ignore[assignment]
 
     async def _next_slow(self) -> Event:
+        self._watchdog.waiting()  # the idle clock counts from when the consumer asks, not before
         while True:
             if self._deferred_error is not None:
                 err, self._deferred_error = self._deferred_error, None
@@ -279,6 +284,7 @@ class EventStream:
                                 break
                     self._pending = items
                     self._pos = 1
+                    self._watchdog.hold()
                     event: Event = items[0]
                     return event
                 # clean end of body
@@ -432,6 +438,11 @@ class GatewayHTTPClient:
         self.max_line_bytes = max_line_bytes
         self.max_event_bytes = max_event_bytes
         self._headers = dict(headers or {})
+
+    @property
+    def headers(self) -> dict[str, str]:
+        """The extra headers every request of this client sends (a copy)."""
+        return dict(self._headers)
 
     def url(self, path: str) -> str:
         if path.startswith(("http://", "https://")):
