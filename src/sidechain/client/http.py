@@ -407,6 +407,7 @@ class GatewayHTTPClient:
 
     Deadlines (seconds, ``None`` = none): ``connect_timeout``; ``read_timeout`` between bytes (raises
     :class:`ReadTimeout`); ``idle_timeout`` between events (comments and keepalives do not reset it;
+    only time the consumer spends waiting for the next event counts, not time it spends on one;
     :class:`IdleTimeout`); ``total_timeout`` for the whole call including retries (:class:`TotalTimeout`).
     """
 
