@@ -662,3 +662,38 @@ async def test_no_request_after_the_final_error(fault_server: str) -> None:
         with pytest.raises(StopAsyncIteration):
             await s.__anext__()
     assert [o.kind for o in observed].count("connect") == 2  # one request per call
+
+
+async def test_release_registrations_do_not_accumulate(fault_server: str) -> None:
+    """Every stream and session registers a release-on-drop hook (client/finalize.py); completed,
+    failed, cancelled and dropped calls all leave the registry as they found it."""
+    from sidechain.client import finalize
+
+    client = GatewayHTTPClient(fault_server, retry=FAST)
+    pool = Session()
+    gc.collect()  # what earlier tests dropped is gone: what is left is alive
+    before = len(finalize._PENDING)
+    for session in (None, pool):
+        async with client.stream_post("/s?n=3", {}, session=session) as s:
+            await collect(s)
+        with pytest.raises(HTTPStatusError):
+            async with client.stream_post("/s?fault=status_always&code=404", {}, session=session) as s:
+                await collect(s)
+        task = asyncio.create_task(collect_stream(client, session))
+        await asyncio.sleep(0.02)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        ctx = client.stream_post("/s?fault=stall", {}, session=session)
+        stream = await ctx.__aenter__()
+        with pytest.warns(ResourceWarning):
+            del ctx, stream
+            gc.collect()
+    assert len(finalize._PENDING) == before + 1  # the pool, still open
+    await pool.aclose()
+    assert len(finalize._PENDING) == before
+
+
+async def collect_stream(client: GatewayHTTPClient, session: Session | None) -> None:
+    async with client.stream_post("/s?fault=stall", {}, session=session) as s:
+        await collect(s)
