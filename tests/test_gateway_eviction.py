@@ -186,3 +186,40 @@ async def test_btw_threads_per_conversation_are_bounded(
         assert record is not None
         assert {x.thread_id for x in record.exchanges} == {first, third}
         assert [x.seq for x in record.exchanges if x.thread_id == first] == [1, 2]
+
+
+async def test_no_new_work_once_shutdown_began(tmp_path: Path, session: aiohttp.ClientSession) -> None:
+    """A conversation loaded from the store after shutdown began (it was evicted, so shutdown did not
+    close it) takes no message, note or btw: each is 503 ``shutting_down``, not work that outlives the
+    gateway."""
+    async with running_gateway(store=f"sqlite:{tmp_path / 'gw.sqlite3'}", echo_pace=0, btw_grace=0) as gw:
+        cid = await create_conversation(session, gw.url)
+        assert gw.gateway.evict_idle(far_future()) == 1
+        shutting = asyncio.create_task(gw.gateway.shutdown())  # the server still listens meanwhile
+        url = f"{gw.url}/v1/conversations/{cid}"
+        work = (("/messages", {"text": "hi"}), ("/notes", {"text": "n"}), ("/btw", {"question": "q"}))
+        for tail, body in work:
+            async with session.post(url + tail, json=body) as resp:
+                assert resp.status == 503, (tail, resp.status, await resp.text())
+                assert (await resp.json())["error"]["type"] == "shutting_down"
+        await shutting
+        assert not [t for t in asyncio.all_tasks() if t.get_name().startswith("sidechain-turn")]
+
+
+async def test_a_thread_dropped_while_its_btw_runs_does_not_come_back(session: aiohttp.ClientSession) -> None:
+    """max_btw_threads=1: a second thread drops the first while the first's btw is still answering.
+    That btw still completes for its asker, but stores nothing: the dropped thread stays gone."""
+    async with running_gateway(echo_pace=40, btw_grace=0, max_btw_threads=1) as gw:
+        cid = await create_conversation(session, gw.url)
+        async with session.post(f"{gw.url}/v1/conversations/{cid}/btw",
+                                json={"question": "one two three four five six seven eight"}) as first:
+            reader = SSEReader(first)
+            started = await reader.until("btw.started")
+            dropped = data(started[-1])["thread_id"]
+            kept = (await ask_btw(gw, session, cid, "two?"))["thread_id"]  # drops `dropped`
+            rest = await reader.rest()
+        assert rest[-1].event == "btw.completed" and data(rest[-1])["thread_id"] == dropped
+        await gw.gateway.log.flush()
+        record = await gw.gateway.log.load_conversation(cid)
+        assert record is not None
+        assert {x.thread_id for x in record.exchanges} == {kept}

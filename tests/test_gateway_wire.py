@@ -193,6 +193,8 @@ async def test_cancel_running_and_queued_turns(session: aiohttp.ClientSession) -
     [
         ("/messages", "POST", b"{not json", 400, "invalid_json"),
         ("/messages", "POST", b"", 400, "invalid_json"),
+        pytest.param("/messages", "POST", b'{"text": "a", "x": ' + b"[" * 4000, 400, "invalid_json",
+                     id="nested-too-deep"),
         ("/messages", "POST", b"[1, 2]", 400, "invalid_request"),
         ("/messages", "POST", b"{}", 400, "invalid_request"),
         ("/messages", "POST", b'{"text": 5}', 400, "invalid_request"),
@@ -482,3 +484,10 @@ async def test_note_survives_a_restart_with_sqlite(session: aiohttp.ClientSessio
                                headers={"Last-Event-ID": "0"}) as resp:
             (created,) = await SSEReader(resp).until("note.created")
         assert data(created)["text"] == "kept"
+
+
+async def test_healthz_names_the_upstream_model_whole(session: aiohttp.ClientSession) -> None:
+    """A model name with colons (llama3:8b) is reported whole, without the upstream's URL."""
+    async with running_gateway(model="openai:http://127.0.0.1:9:llama3:8b") as g:
+        health = await get_json(session, f"{g.url}/healthz")
+    assert health["model"] == "openai:llama3:8b"

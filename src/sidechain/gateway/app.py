@@ -27,6 +27,7 @@ from .. import __version__
 from .config import GatewayConfig
 from .conversations import Conversation
 from .errors import BadRequest, GatewayError, NotFound, PayloadTooLarge, ServiceUnavailable
+from .models import parse_model_spec
 from .service import Gateway
 from .streaming import BtwStreamResponse, EventStreamResponse
 
@@ -105,6 +106,8 @@ async def read_json(request: Request, type_: type[T], limit: int) -> T:
         raise BadRequest("invalid_request", str(exc)) from None
     except msgspec.DecodeError as exc:
         raise BadRequest("invalid_json", f"the request body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise BadRequest("invalid_json", "the request body is nested too deeply") from None
 
 
 def last_event_id(request: Request) -> int | None:
@@ -222,8 +225,8 @@ async def healthz(request: Request) -> Response:
     if gw.shutting_down:
         return JSONResponse({"status": "shutting_down"}, status_code=503)
     # the model spec without the upstream URL (no credentials or hosts leak from an open endpoint)
-    spec = gw.config.model
-    model = spec if spec == "echo" else "openai:" + spec.rsplit(":", 1)[-1]
+    kind, _base, name = parse_model_spec(gw.config.model)
+    model = kind if kind == "echo" else f"{kind}:{name}"
     return JSONResponse({"status": "ok", "model": model, "version": __version__})
 
 
@@ -252,6 +255,8 @@ async def _conversation_and_body(request: Request, type_: type[T]) -> tuple[Conv
     gw = _gateway(request)
     await gw.conversation(request.path_params["cid"])
     body = await read_json(request, type_, gw.config.max_body_bytes)
+    if gw.shutting_down:  # a conversation loaded during shutdown would take work that outlives it
+        raise ServiceUnavailable("shutting_down", "the gateway is shutting down; retry later")
     return await gw.conversation(request.path_params["cid"]), body
 
 

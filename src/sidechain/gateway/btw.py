@@ -44,7 +44,7 @@ _ERROR_MESSAGES = {
 class BtwThread:
     """A chain of btws: each completed question and answer is context for the next one."""
 
-    __slots__ = ("count", "exchanges", "id")
+    __slots__ = ("count", "dropped", "exchanges", "id")
 
     #: Exchanges kept as context (the oldest are dropped beyond this).
     MAX_EXCHANGES = MAX_THREAD_EXCHANGES
@@ -54,6 +54,8 @@ class BtwThread:
         self.exchanges: list[tuple[str, str]] = []
         #: Exchanges ever added (the seq of the newest one).
         self.count = 0
+        #: Dropped from its conversation (least recently used): a btw still running on it stores nothing.
+        self.dropped = False
 
     def add(self, question: str, answer: str, *, seq: int | None = None) -> int:
         """Add a completed exchange; returns its seq (1, 2, ... within the thread)."""
@@ -261,7 +263,9 @@ class BtwRegistry:
             text = "".join(btw.parts)
             btw.state = "completed"
             seq = btw.thread.add(btw.question, text)
-            gw.log.save_exchange(btw.conversation_id, ThreadExchange(btw.thread.id, seq, btw.question, text))
+            if not btw.thread.dropped:  # a dropped thread must not come back through the store
+                exchange = ThreadExchange(btw.thread.id, seq, btw.question, text)
+                gw.log.save_exchange(btw.conversation_id, exchange)
             self._emit(btw, "btw.completed", {"btw_id": btw.id, "thread_id": btw.thread.id, "text": text})
         except asyncio.CancelledError:
             reason = btw.cancel_reason or "cancelled"

@@ -275,7 +275,7 @@ class Conversation:
         self.threads[thread.id] = thread  # dicts keep insertion order: the newest use is last
         while len(self.threads) > self.gateway.config.max_btw_threads:
             oldest = next(iter(self.threads))
-            del self.threads[oldest]
+            self.threads.pop(oldest).dropped = True
             self.gateway.log.drop_thread(self.id, oldest)
         return thread
 
