@@ -214,6 +214,35 @@ async def test_stalled_reader_memory_is_bounded_and_connection_closed() -> None:
         assert not body.endswith(b"0\r\n\r\n")  # aborted: it never took its final event
 
 
+async def test_reader_that_stops_while_catching_up_is_bounded_and_closed() -> None:
+    """A client that asks for the whole log and never reads: it is not live, so the lag rule does not
+    reach it. Each catch-up write is at most 256 KiB and must finish within slow_consumer_grace, or the
+    connection is closed (it used to hold 512 events, 59 MB with large ones, for as long as it stayed)."""
+    async with running_gateway(slow_consumer_grace=0.3, echo_pace=0) as gw:
+        async with aiohttp.ClientSession() as session:
+            cid = await create_conversation(session, gw.url)
+        conv = gw.gateway._convs[cid]
+        payload = {"blob": "x" * 30_000}
+        for _ in range(200):  # ~6 MB of history
+            conv.emit("test.blob", payload)
+        await gw.gateway.log.flush()
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.setblocking(False)
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.sock_connect(sock, ("127.0.0.1", gw.port))
+            request = f"GET /v1/conversations/{cid}/events?last_event_id=0 HTTP/1.1\r\nHost: x\r\n\r\n"
+            await loop.sock_sendall(sock, request.encode())
+            await wait_until(lambda: bool(conv.subscribers), what="subscriber")
+            (sub,) = conv.subscribers
+            await wait_until(lambda: gw.gateway.metrics.slow_consumers_total == 1, within=5, what="drop")
+            assert not sub.live and sub.cursor < 200
+            await wait_until(lambda: not conv.subscribers, within=5, what="stalled stream released")
+        finally:
+            sock.close()
+
+
 async def test_event_data_round_trips_through_decoder(session: aiohttp.ClientSession) -> None:
     """Multi-line and non-ASCII text survives the JSON + SSE framing."""
     async with running_gateway(echo_pace=0) as gw:

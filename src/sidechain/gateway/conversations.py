@@ -135,8 +135,9 @@ class EventRing:
         self._blocks.append(block)
         self.newest = event_id
 
-    def since(self, after_id: int, limit: int) -> tuple[bytes, int] | None:
-        """Blocks for ids ``after_id+1 ..`` (at most ``limit``) and the last id, or None if not held."""
+    def since(self, after_id: int, limit: int, max_bytes: int | None = None) -> tuple[bytes, int] | None:
+        """Blocks for ids ``after_id+1 ..`` (at most ``limit``, and no more than ``max_bytes`` once the
+        first is in) and the last id, or None if not held."""
         newest = self.newest
         if after_id >= newest:
             return b"", after_id
@@ -146,7 +147,19 @@ class EventRing:
         blocks = self._blocks
         if end == after_id + 1:
             return blocks[end - newest - 1], end
-        return b"".join([blocks[i - newest - 1] for i in range(after_id + 1, end + 1)]), end
+        if max_bytes is None:
+            return b"".join([blocks[i - newest - 1] for i in range(after_id + 1, end + 1)]), end
+        out: list[bytes] = []
+        size = 0
+        last = after_id
+        for i in range(after_id + 1, end + 1):
+            block = blocks[i - newest - 1]
+            if out and size + len(block) > max_bytes:
+                break
+            out.append(block)
+            size += len(block)
+            last = i
+        return b"".join(out), last
 
 
 class Subscription:

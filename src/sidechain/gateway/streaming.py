@@ -34,6 +34,9 @@ SSE_HEADERS: list[tuple[bytes, bytes]] = [
 
 #: Events written per ``send`` when catching up (one HTTP chunk each).
 _BATCH = 512
+#: At most this many bytes per catch-up write (at least one event): what a reader that stops reading
+#: while it catches up can leave in the server's write buffer.
+_BATCH_BYTES = 256 * 1024
 
 _KEEPALIVE = Encoder.comment("keepalive")
 _json = msgspec.json.Encoder()
@@ -147,13 +150,14 @@ class EventStreamResponse(_StreamResponse):
         # Not in the log: no id line, so the client's Last-Event-ID stays on the last logged event.
         return self.gateway.encoder.event(_json.encode(payload).decode(), event=type)
 
-    async def _send(self, send: Send, sub: Subscription, data: bytes) -> None:
-        """Write ``data``; once ``sub`` is dropped the write may take at most ``slow_consumer_grace``."""
+    async def _send(self, send: Send, sub: Subscription, data: bytes, *, bounded: bool = False) -> None:
+        """Write ``data``; once ``sub`` is dropped, or when ``bounded`` (a catch-up write), the write may
+        take at most ``slow_consumer_grace``."""
         loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(None) as scope:
                 sub.send_scope = scope
-                if sub.dropped:
+                if sub.dropped or bounded:
                     scope.reschedule(loop.time() + self.gateway.config.slow_consumer_grace)
                 try:
                     await send({"type": "http.response.body", "body": data, "more_body": True})
@@ -191,7 +195,7 @@ class EventStreamResponse(_StreamResponse):
                 )
                 return
             if sub.cursor < conv.last_event_id and not (sub.shutdown and not sub.live):
-                got = conv.ring.since(sub.cursor, _BATCH)
+                got = conv.ring.since(sub.cursor, _BATCH, _BATCH_BYTES)
                 if got is not None:
                     data, last = got
                 else:
@@ -203,9 +207,23 @@ class EventStreamResponse(_StreamResponse):
                     if stored[0].id != sub.cursor + 1:  # trimmed while this reader was catching up
                         data = self._gap_event(sub.cursor, stored[0].id)
                     enc = gw.encoder
-                    data += b"".join([enc.event(e.data, event=e.type, id=str(e.id)) for e in stored])
-                    last = stored[-1].id
-                await self._send(send, sub, data)
+                    parts: list[bytes] = []
+                    size = 0
+                    for e in stored:
+                        block = enc.event(e.data, event=e.type, id=str(e.id))
+                        if parts and size + len(block) > _BATCH_BYTES:
+                            break
+                        parts.append(block)
+                        size += len(block)
+                        last = e.id
+                    data += b"".join(parts)
+                # a reader that stops reading while it catches up is not "live", so the lag rule does not
+                # reach it: each catch-up write is bounded in size and in time instead
+                try:
+                    await self._send(send, sub, data, bounded=True)
+                except _Aborted:
+                    gw.metrics.slow_consumers_total += 1
+                    raise
                 sub.cursor = last
                 if last >= conv.last_event_id:
                     sub.live = True
