@@ -6,6 +6,7 @@ import asyncio
 import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -264,3 +265,29 @@ async def test_event_data_round_trips_through_decoder(session: aiohttp.ClientSes
         assert [(e.id, e.event, e.data) for e in decoded if isinstance(e, Event)] == [
             (e.id, e.event, e.data) for e in events
         ]
+
+
+async def test_snapshot_and_its_last_event_id_agree_with_sqlite(tmp_path: Path) -> None:
+    """``GET /v1/conversations/{id}`` while a turn streams (sqlite: events become durable a little after
+    they happen): the snapshot's partial text is exactly the deltas up to its ``last_event_id``, so a
+    client that shows it and resumes from that id gets no delta twice and misses none."""
+    async with running_gateway(store=f"sqlite:{tmp_path / 'gw.sqlite3'}", echo_pace=200) as gw, \
+            aiohttp.ClientSession() as session:
+        cid = await create_conversation(session, gw.url)
+        url = f"{gw.url}/v1/conversations/{cid}"
+        turn = await post_message(session, gw.url, cid, " ".join(f"w{i}" for i in range(60)))
+        snapshots: list[dict[str, Any]] = []
+        while True:
+            snap = await get_json(session, url)
+            if snap["active_turn"] is None:
+                break
+            snapshots.append(snap)
+            await asyncio.sleep(0)
+        assert len(snapshots) >= 5, "the turn should have been seen streaming"
+        async with session.get(f"{url}/events", headers={"Last-Event-ID": "0"}) as resp:
+            events = await SSEReader(resp).until("turn.completed")
+        deltas = [(int(e.id), data(e)["delta"]) for e in events
+                  if e.event == "message.delta" and data(e)["turn_id"] == turn["turn_id"]]
+        for snap in snapshots:
+            upto = int(snap["last_event_id"])
+            assert snap["active_turn"]["partial_text"] == "".join(d for i, d in deltas if i <= upto)

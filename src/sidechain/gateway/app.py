@@ -244,8 +244,11 @@ async def create_conversation(request: Request) -> Response:
 
 
 async def get_conversation(request: Request) -> Response:
-    conv = await _gateway(request).conversation(request.path_params["cid"])
-    return JSONResponse(conv.to_json())
+    gw = _gateway(request)
+    conv = await gw.conversation(request.path_params["cid"])
+    snapshot = conv.to_json()
+    await gw.log.flush()  # the events up to its last_event_id are durable (and resumable from) first
+    return JSONResponse(snapshot)
 
 
 async def _conversation_and_body(request: Request, type_: type[T]) -> tuple[Conversation, T]:

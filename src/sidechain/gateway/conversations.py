@@ -269,7 +269,9 @@ class Conversation:
             if active is None
             else {"turn_id": active.id, "partial_text": "".join(active.parts)},
             "queued_turns": [t.id for t in self._queue],
-            "last_event_id": str(self.last_event_id),
+            # the newest event this state reflects (assigned; durable once the log flushes): resuming
+            # from it gives exactly what came after, no delta twice
+            "last_event_id": str(self._assigned_id),
         }
 
     @property
