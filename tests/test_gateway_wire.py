@@ -491,3 +491,17 @@ async def test_healthz_names_the_upstream_model_whole(session: aiohttp.ClientSes
     async with running_gateway(model="openai:http://127.0.0.1:9:llama3:8b") as g:
         health = await get_json(session, f"{g.url}/healthz")
     assert health["model"] == "openai:llama3:8b"
+
+
+async def test_head_on_a_stream_is_405_and_the_connection_stays_usable(
+    gw: RunningGateway, session: aiohttp.ClientSession
+) -> None:
+    cid = await create_conversation(session, gw.url)
+    url = f"{gw.url}/v1/conversations/{cid}"
+    for path in ("/events", "/btw/btw_nope"):
+        async with session.head(url + path) as resp:
+            assert resp.status == 405 and resp.headers["Allow"] == "GET"
+    conv = gw.gateway._convs[cid]
+    assert not conv.subscribers
+    async with session.get(url) as resp:  # the same keep-alive connection answers the next request
+        assert resp.status == 200

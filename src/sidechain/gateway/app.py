@@ -290,7 +290,15 @@ async def cancel_turn(request: Request) -> Response:
     return JSONResponse({"turn_id": turn.id, "state": turn.state}, status_code=202)
 
 
+def _no_head(request: Request) -> None:
+    """A stream is GET only: Starlette answers HEAD on GET routes, and a HEAD response to a stream
+    would hold its subscription (and the keep-alive connection) without ever sending it."""
+    if request.method == "HEAD":
+        raise HTTPException(405, "HEAD is not served on a stream; use GET", headers={"Allow": "GET"})
+
+
 async def events(request: Request) -> Response:
+    _no_head(request)
     gw = _gateway(request)
     conv = await gw.conversation(request.path_params["cid"])
     after = last_event_id(request)
@@ -343,6 +351,7 @@ def _btw_replay(gw: Gateway, btw: Any, after: int | None) -> Response:
 
 
 async def get_btw(request: Request) -> Response:
+    _no_head(request)
     gw = _gateway(request)
     conv = await gw.conversation(request.path_params["cid"])
     btw = gw.btws.get(conv.id, request.path_params["btw_id"])
