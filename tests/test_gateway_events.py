@@ -177,20 +177,31 @@ async def test_slow_consumer_is_dropped_and_catches_up(session: aiohttp.ClientSe
         assert [data(e)["i"] for e in logged + rest if e is not None] == list(range(200))
 
 
+async def stalled_reader(port: int, target: str) -> socket.socket:
+    """A raw connection with a 4 KiB receive buffer that sent ``GET target`` and will not read (the
+    caller closes it)."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    loop = asyncio.get_running_loop()
+    try:
+        await loop.sock_connect(sock, ("127.0.0.1", port))
+        await loop.sock_sendall(sock, f"GET {target} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
 async def test_stalled_reader_memory_is_bounded_and_connection_closed() -> None:
     """A client that stops reading: dropped after the bound, its connection closed after the grace."""
     async with running_gateway(subscriber_queue=16, slow_consumer_grace=0.3, echo_pace=0) as gw:
         async with aiohttp.ClientSession() as session:
             cid = await create_conversation(session, gw.url)
         conv = gw.gateway._convs[cid]
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        sock.setblocking(False)
         loop = asyncio.get_running_loop()
+        sock = await stalled_reader(gw.port, f"/v1/conversations/{cid}/events")
         try:
-            await loop.sock_connect(sock, ("127.0.0.1", gw.port))
-            request = f"GET /v1/conversations/{cid}/events HTTP/1.1\r\nHost: x\r\n\r\n".encode()
-            await loop.sock_sendall(sock, request)
             await wait_until(lambda: any(s.live for s in conv.subscribers), what="subscriber live")
             (sub,) = conv.subscribers
             payload = {"blob": "x" * 4000}
@@ -227,14 +238,8 @@ async def test_reader_that_stops_while_catching_up_is_bounded_and_closed() -> No
         for _ in range(200):  # ~6 MB of history
             conv.emit("test.blob", payload)
         await gw.gateway.log.flush()
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        sock.setblocking(False)
-        loop = asyncio.get_running_loop()
+        sock = await stalled_reader(gw.port, f"/v1/conversations/{cid}/events?last_event_id=0")
         try:
-            await loop.sock_connect(sock, ("127.0.0.1", gw.port))
-            request = f"GET /v1/conversations/{cid}/events?last_event_id=0 HTTP/1.1\r\nHost: x\r\n\r\n"
-            await loop.sock_sendall(sock, request.encode())
             await wait_until(lambda: bool(conv.subscribers), what="subscriber")
             (sub,) = conv.subscribers
             await wait_until(lambda: gw.gateway.metrics.slow_consumers_total == 1, within=5, what="drop")
