@@ -79,12 +79,49 @@ class GatewayServer(uvicorn.Server):
         self._captured_signals.clear()
 
 
+#: The ASGI scope extension through which a stream can abort its connection (see ``abortable_http``).
+ABORT_EXTENSION = "sidechain.abort"
+
+
+def abortable_http() -> type[asyncio.Protocol]:
+    """The HTTP protocol uvicorn would choose (httptools when installed, else h11), giving each request
+    scope ``extensions["sidechain.abort"]``: the connection's ``transport.abort``.
+
+    A stream that drops a stalled reader calls it. ASGI has no way to end a response that cannot be
+    completed: returning early makes uvicorn close the transport gracefully, and that waits for the
+    unsent bytes, so a reader that never reads would keep its socket and buffers, with an error logged
+    for each. Aborting resets the connection at once.
+    """
+    base: type[asyncio.Protocol]
+    try:
+        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+        base = HttpToolsProtocol
+    except ImportError:  # pragma: no cover - httptools comes with uvicorn[standard]
+        from uvicorn.protocols.http.h11_impl import H11Protocol
+
+        base = H11Protocol
+
+    class AbortableHTTP(base):  # type: ignore[valid-type, misc]
+        def data_received(self, data: bytes) -> None:
+            super().data_received(data)
+            # a request parsed from this data has its scope now and its app task not yet started
+            scope = getattr(self, "scope", None)
+            transport = getattr(self, "transport", None)
+            if isinstance(scope, dict) and transport is not None:
+                scope.setdefault("extensions", {})[ABORT_EXTENSION] = transport.abort
+
+    return AbortableHTTP
+
+
 def uvicorn_config(app: Starlette, config: GatewayConfig) -> uvicorn.Config:
-    """uvicorn settings for the gateway: our lifespan, our access log, no logging reconfiguration."""
+    """uvicorn settings for the gateway: our lifespan, our access log, no logging reconfiguration,
+    streams that can abort their connection."""
     return uvicorn.Config(
         app,
         host=config.host,
         port=config.port,
+        http=abortable_http(),
         lifespan="on",
         access_log=False,
         log_config=None,

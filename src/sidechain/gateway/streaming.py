@@ -69,6 +69,9 @@ class _StreamResponse(Response):
             await self._run(send)
         except _Aborted:
             log.info("dropped a subscriber that did not read its final event in time")
+            abort = scope.get("extensions", {}).get("sidechain.abort")
+            if abort is not None:  # reset the connection now (see server.abortable_http)
+                abort()
         finally:
             watcher.cancel()
             await asyncio.gather(watcher, return_exceptions=True)
