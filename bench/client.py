@@ -589,13 +589,6 @@ async def amain(args: argparse.Namespace, port: int) -> dict[str, dict[str, list
     return await throughput(f"http://127.0.0.1:{port}", args.events, args.rounds, args.warm_events)
 
 
-def run_on(loop: str, coro: Any) -> Any:
-    if loop == "uvloop":
-        import uvloop
-
-        return uvloop.run(coro)
-    return asyncio.run(coro)
-
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Loopback SSE client benchmark (see the module doc).")
@@ -619,9 +612,9 @@ def main(argv: list[str] | None = None) -> int:
     args.ttfe_loops = [x for x in args.ttfe_loops.split(",") if x]
     if not set(args.ttfe_loops) <= {"asyncio", "uvloop"}:
         parser.error("--ttfe-loops: asyncio and/or uvloop")
-    from sidechain.loops import resolve_loop
+    from sidechain import loops
 
-    if resolve_loop("auto") != "uvloop":
+    if loops.resolve_loop("auto") != "uvloop":
         if args.uvloop:
             parser.error("--uvloop: uvloop is not installed")
         if "uvloop" in args.ttfe_loops:
@@ -634,13 +627,14 @@ def main(argv: list[str] | None = None) -> int:
     tt: dict[str, dict[str, Any]] = {}
     try:
         t0 = time.perf_counter()
-        tp = run_on("uvloop" if args.uvloop else "asyncio", amain(args, port))
+        tp = loops.run(amain(args, port), loop="uvloop" if args.uvloop else "asyncio")
         seconds["throughput"] = time.perf_counter() - t0
         for loop in args.ttfe_loops:
             t0 = time.perf_counter()
             print(f"time to first event on {loop}: {args.calls} calls per variant "
                   f"({args.httpx_fresh_calls} for httpx fresh)", file=sys.stderr, flush=True)
-            tt[loop] = run_on(loop, ttfe(f"http://127.0.0.1:{port}", args.calls, args.httpx_fresh_calls))
+            short = ttfe(f"http://127.0.0.1:{port}", args.calls, args.httpx_fresh_calls)
+            tt[loop] = loops.run(short, loop=loop)
             seconds[f"ttfe_{loop}"] = time.perf_counter() - t0
     finally:
         proc.terminate()

@@ -123,9 +123,6 @@ class Conversation:
         down is not waited for forever. Bound the whole wait with ``asyncio.timeout(...)``.
         """
         retry = RetryPolicy(max_attempts=max_reconnects, base_delay=0.2, max_delay=5.0)
-        return await self._ask(text, retry)
-
-    async def _ask(self, text: str, retry: RetryPolicy) -> str:
         async with self.events(initial_reconnect_delay=0.2, max_reconnect_delay=5.0, retry=retry) as events:
             turn_id = await self.send(text)
             parts: list[str] = []
