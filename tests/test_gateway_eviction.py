@@ -223,3 +223,61 @@ async def test_a_thread_dropped_while_its_btw_runs_does_not_come_back(session: a
         record = await gw.gateway.log.load_conversation(cid)
         assert record is not None
         assert {x.thread_id for x in record.exchanges} == {kept}
+
+
+async def reload(gw: RunningGateway, how: str) -> None:
+    """Drop every conversation from memory (``evicted``) or restart the gateway (``restarted``, sqlite)."""
+    if how == "evicted":
+        await wait_until(lambda: not gw.gateway.btws.conversations_in_use(), what="the btws to be freed")
+        assert gw.gateway.evict_idle(far_future()) == 1
+
+
+@pytest.mark.parametrize("how", ["evicted", "restarted"])
+async def test_least_recently_used_order_of_threads_survives(
+    how: str, tmp_path: Path, session: aiohttp.ClientSession
+) -> None:
+    """The order in which threads were last used comes back from the store: after a reload, a new
+    thread drops the thread used least recently, not whichever the store lists first."""
+    store = f"sqlite:{tmp_path / 'gw.sqlite3'}" if how == "restarted" else "memory"
+    opts: dict[str, Any] = {"store": store, "echo_pace": 0, "btw_grace": 0, "max_btw_threads": 3}
+    async with running_gateway(**opts) as gw:
+        cid = await create_conversation(session, gw.url)
+        threads = [(await ask_btw(gw, session, cid, f"{n}?"))["thread_id"] for n in ("one", "two", "three")]
+        # used again in an order unlike both their creation order and any order of their random ids
+        for index in (2, 0, 1):
+            await ask_btw(gw, session, cid, "again?", threads[index])
+        await reload(gw, how)
+        if how == "evicted":
+            await ask_btw(gw, session, cid, "four?")  # drops the least recently used: threads[2]
+            survivors = set((await gw.gateway.conversation(cid)).threads)
+    if how == "restarted":
+        async with running_gateway(**opts) as gw:
+            await ask_btw(gw, session, cid, "four?")
+            survivors = set((await gw.gateway.conversation(cid)).threads)
+    assert threads[2] not in survivors and {threads[0], threads[1]} <= survivors
+
+
+@pytest.mark.parametrize("how", ["evicted", "restarted"])
+async def test_thread_without_a_completed_exchange_survives(
+    how: str, tmp_path: Path, session: aiohttp.ClientSession
+) -> None:
+    """A thread whose only btw was cancelled has no exchange to store, but the client was told its id
+    (``btw.started``): after a reload, asking in it again is not ``thread_not_found``."""
+    store = f"sqlite:{tmp_path / 'gw.sqlite3'}" if how == "restarted" else "memory"
+    opts: dict[str, Any] = {"store": store, "echo_pace": 40, "btw_grace": 0}
+    async with running_gateway(**opts) as gw:
+        cid = await create_conversation(session, gw.url)
+        url = f"{gw.url}/v1/conversations/{cid}/btw"
+        async with session.post(url, json={"question": "one two three four five six seven"}) as resp:
+            started = data((await SSEReader(resp).until("btw.started"))[-1])
+            async with session.delete(f"{url}/{started['btw_id']}") as cancel:
+                assert cancel.status in (200, 202, 204), await cancel.text()
+        thread = started["thread_id"]
+        await reload(gw, how)
+        if how == "evicted":
+            follow = await ask_btw(gw, session, cid, "still there?", thread)
+    if how == "restarted":
+        async with running_gateway(**opts) as gw:
+            follow = await ask_btw(gw, session, cid, "still there?", thread)
+    assert follow["thread_id"] == thread
+    assert "Earlier in this side thread" not in follow["text"], "nothing was completed in it before"

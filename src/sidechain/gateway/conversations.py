@@ -230,13 +230,18 @@ class Conversation:
         self.last_event_id = record.last_event_id
         self.ring = EventRing(gateway.config.subscriber_queue + 64, record.last_event_id)
         self.subscribers: set[Subscription] = set()
+        #: btw threads, least recently used first (dicts keep insertion order); they survive restarts
+        #: and eviction in that order. A store written before thread uses were recorded has exchanges
+        #: only: those threads count as the least recently used.
         self.threads: dict[str, BtwThread] = {}
-        if record.exchanges:
-            for x in record.exchanges:  # by thread, in order: the threads survive restarts and eviction
-                thread = self.threads.get(x.thread_id)
-                if thread is None:
-                    thread = self.threads[x.thread_id] = BtwThread(x.thread_id)
-                thread.add(x.question, x.answer, seq=x.seq)
+        listed = set(record.threads)
+        for x in record.exchanges:
+            if x.thread_id not in listed and x.thread_id not in self.threads:
+                self.threads[x.thread_id] = BtwThread(x.thread_id)
+        for thread_id in record.threads:
+            self.threads[thread_id] = BtwThread(thread_id)
+        for x in record.exchanges:  # by thread, in order
+            self.threads[x.thread_id].add(x.question, x.answer, seq=x.seq)
         #: Loop time of the last request that used this conversation (see :meth:`Gateway.evict_idle`).
         self.last_used = asyncio.get_running_loop().time()
         #: Set when the gateway dropped this object from memory: it must not take new work (a fresh
@@ -288,6 +293,7 @@ class Conversation:
         else:
             thread = BtwThread("thr_" + secrets.token_hex(8))
         self.threads[thread.id] = thread  # dicts keep insertion order: the newest use is last
+        self.gateway.log.use_thread(self.id, thread.id)
         while len(self.threads) > self.gateway.config.max_btw_threads:
             oldest = next(iter(self.threads))
             self.threads.pop(oldest).dropped = True

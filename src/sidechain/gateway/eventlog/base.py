@@ -71,14 +71,16 @@ class ThreadExchange(msgspec.Struct, frozen=True):
 
 
 class ConversationRecord(msgspec.Struct, frozen=True):
-    """A conversation as loaded from a store: its turns in order, the last event id written, and its
-    btw threads' completed exchanges (by thread, in order)."""
+    """A conversation as loaded from a store: its turns in order, the last event id written, its btw
+    threads' completed exchanges (by thread, in order) and its btw thread ids, least recently used
+    first (a thread with no completed exchange yet is there too)."""
 
     id: str
     created_at: float
     turns: list[TurnRecord]
     last_event_id: int
     exchanges: list[ThreadExchange] = []
+    threads: list[str] = []
 
 
 EventSink = Callable[[Sequence[StoredEvent]], None]
@@ -123,8 +125,13 @@ class EventLog(Protocol):
         """Enqueue a completed btw of a thread (keyed by thread id and seq)."""
         ...
 
+    def use_thread(self, conversation_id: str, thread_id: str) -> None:
+        """Enqueue a use of a btw thread: it exists (even with no exchange yet) and is now the most
+        recently used of its conversation."""
+        ...
+
     def drop_thread(self, conversation_id: str, thread_id: str) -> None:
-        """Enqueue the removal of a thread's stored exchanges."""
+        """Enqueue the removal of a thread and its stored exchanges."""
         ...
 
     async def flush(self) -> None:

@@ -18,13 +18,15 @@ __all__ = ["MemoryEventLog"]
 
 
 class _Conv:
-    __slots__ = ("created_at", "events", "exchanges", "last_id", "turns")
+    __slots__ = ("created_at", "events", "exchanges", "last_id", "threads", "turns")
 
     def __init__(self, created_at: float, retention: int) -> None:
         self.created_at = created_at
         self.events: deque[StoredEvent] = deque(maxlen=retention)
         self.turns: dict[str, TurnRecord] = {}
         self.exchanges: dict[tuple[str, int], ThreadExchange] = {}
+        #: Thread ids, least recently used first (dicts keep insertion order).
+        self.threads: dict[str, None] = {}
         self.last_id = 0
 
 
@@ -61,9 +63,16 @@ class MemoryEventLog:
             conv.exchanges[(exchange.thread_id, exchange.seq)] = exchange
             conv.exchanges.pop((exchange.thread_id, exchange.seq - MAX_THREAD_EXCHANGES), None)
 
+    def use_thread(self, conversation_id: str, thread_id: str) -> None:
+        conv = self._convs.get(conversation_id)
+        if conv is not None and not self._closed:
+            conv.threads.pop(thread_id, None)
+            conv.threads[thread_id] = None
+
     def drop_thread(self, conversation_id: str, thread_id: str) -> None:
         conv = self._convs.get(conversation_id)
         if conv is not None and not self._closed:
+            conv.threads.pop(thread_id, None)
             for key in [k for k in conv.exchanges if k[0] == thread_id]:
                 del conv.exchanges[key]
 
@@ -85,7 +94,8 @@ class MemoryEventLog:
             return None
         turns = sorted(conv.turns.values(), key=lambda t: t.seq)
         exchanges = [conv.exchanges[k] for k in sorted(conv.exchanges)]
-        return ConversationRecord(conversation_id, conv.created_at, turns, conv.last_id, exchanges)
+        return ConversationRecord(conversation_id, conv.created_at, turns, conv.last_id, exchanges,
+                                  list(conv.threads))
 
     async def read(self, conversation_id: str, after_id: int, limit: int) -> list[StoredEvent]:
         conv = self._convs.get(conversation_id)

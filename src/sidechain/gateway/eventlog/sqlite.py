@@ -57,6 +57,12 @@ CREATE TABLE IF NOT EXISTS btw_exchanges (
     answer TEXT NOT NULL,
     PRIMARY KEY (conversation_id, thread_id, seq)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS btw_threads (
+    conversation_id TEXT NOT NULL,
+    thread_id TEXT NOT NULL,
+    used INTEGER NOT NULL,
+    PRIMARY KEY (conversation_id, thread_id)
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS events (
     conversation_id TEXT NOT NULL,
     id INTEGER NOT NULL,
@@ -67,7 +73,8 @@ CREATE TABLE IF NOT EXISTS events (
 """
 
 # One enqueued write: ("conv", id, created_at) | ("turn", conv_id, TurnRecord) | ("event", StoredEvent)
-# | ("exchange", conv_id, ThreadExchange) | ("drop_thread", conv_id, thread_id)
+# | ("exchange", conv_id, ThreadExchange) | ("use_thread", conv_id, thread_id)
+# | ("drop_thread", conv_id, thread_id)
 _Op = tuple[Any, ...]
 
 
@@ -164,6 +171,9 @@ class SqliteEventLog:
     def save_exchange(self, conversation_id: str, exchange: ThreadExchange) -> None:
         self._enqueue(("exchange", conversation_id, exchange))
 
+    def use_thread(self, conversation_id: str, thread_id: str) -> None:
+        self._enqueue(("use_thread", conversation_id, thread_id))
+
     def drop_thread(self, conversation_id: str, thread_id: str) -> None:
         self._enqueue(("drop_thread", conversation_id, thread_id))
 
@@ -259,6 +269,7 @@ class SqliteEventLog:
         turns: list[tuple[Any, ...]] = []
         events: list[tuple[str, int, str, str]] = []
         exchanges: list[tuple[str, str, int, str, str]] = []
+        used: list[tuple[str, str, str]] = []
         dropped: list[tuple[str, str]] = []
         newest: dict[str, int] = {}
         for op in batch:
@@ -273,6 +284,8 @@ class SqliteEventLog:
             elif kind == "exchange":
                 x: ThreadExchange = op[2]
                 exchanges.append((op[1], x.thread_id, x.seq, x.question, x.answer))
+            elif kind == "use_thread":
+                used.append((op[1], op[2], op[1]))
             elif kind == "drop_thread":
                 dropped.append((op[1], op[2]))
             else:
@@ -306,9 +319,19 @@ class SqliteEventLog:
                     [(cid, tid, seq - MAX_THREAD_EXCHANGES) for cid, tid, seq, _, _ in exchanges
                      if seq > MAX_THREAD_EXCHANGES],
                 )
+            if used:  # in order: each use numbers its thread the newest of its conversation
+                conn.executemany(
+                    "INSERT INTO btw_threads (conversation_id, thread_id, used) VALUES (?, ?,"
+                    " (SELECT COALESCE(MAX(used), 0) + 1 FROM btw_threads WHERE conversation_id = ?))"
+                    " ON CONFLICT (conversation_id, thread_id) DO UPDATE SET used = excluded.used",
+                    used,
+                )
             if dropped:  # after the inserts: a thread is dropped only once it is the least recently used
                 conn.executemany(
                     "DELETE FROM btw_exchanges WHERE conversation_id = ? AND thread_id = ?", dropped
+                )
+                conn.executemany(
+                    "DELETE FROM btw_threads WHERE conversation_id = ? AND thread_id = ?", dropped
                 )
             trims = [(cid, last - self.retention) for cid, last in newest.items() if last > self.retention]
             if trims:
@@ -345,7 +368,16 @@ class SqliteEventLog:
                 (conversation_id,),
             )
         ]
-        return ConversationRecord(conversation_id, float(row[0]), turns, int(last[0] or 0), exchanges)
+        threads = [
+            r[0]
+            for r in conn.execute(
+                "SELECT thread_id FROM btw_threads WHERE conversation_id = ? ORDER BY used",
+                (conversation_id,),
+            )
+        ]
+        return ConversationRecord(
+            conversation_id, float(row[0]), turns, int(last[0] or 0), exchanges, threads
+        )
 
     def _read_sync(self, conversation_id: str, after_id: int, limit: int) -> list[StoredEvent]:
         conn = self._conn
