@@ -12,6 +12,7 @@ import pytest
 
 from gateway_helpers import SSEReader, create_conversation, data, get_json, post_message, wait_until
 from sidechain.gateway.errors import ServiceUnavailable
+from sidechain.gateway.eventlog import SqliteEventLog, ThreadExchange
 from sidechain.gateway.testing import RunningGateway, running_gateway
 
 LATER = 10_000.0  # seconds added to the loop time: "long after", without waiting for it
@@ -281,3 +282,21 @@ async def test_thread_without_a_completed_exchange_survives(
             follow = await ask_btw(gw, session, cid, "still there?", thread)
     assert follow["thread_id"] == thread
     assert "Earlier in this side thread" not in follow["text"], "nothing was completed in it before"
+
+
+async def test_threads_of_a_store_without_their_order_of_use_load(
+    tmp_path: Path, session: aiohttp.ClientSession
+) -> None:
+    """A store written before thread uses were recorded holds exchanges only: their threads load (as the
+    least recently used) and follow-ups in them keep their context."""
+    path = tmp_path / "gw.sqlite3"
+    cid = "0123456789abcdef0123456789abcdef"  # the shape of the gateway's conversation ids
+    log = SqliteEventLog(str(path), retention=1000)
+    await log.open(lambda events: None)
+    log.create_conversation(cid, 1.0)
+    log.save_exchange(cid, ThreadExchange("thr_old", 1, "what is a btw?", "a side question"))
+    await log.close()
+    async with running_gateway(store=f"sqlite:{path}", echo_pace=0, btw_grace=0) as gw:
+        follow = await ask_btw(gw, session, cid, "and then?", "thr_old")
+        assert 'you asked 1 question, the last was "what is a btw?"' in follow["text"]
+        assert list((await gw.gateway.conversation(cid)).threads) == ["thr_old"]
