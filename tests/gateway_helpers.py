@@ -7,9 +7,11 @@ import json
 import os
 from collections import deque
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import aiohttp
+import pytest
 
 from sidechain.sse import Comment, Decoder, Event
 
@@ -153,3 +155,13 @@ def error_of(body: Any) -> tuple[str, str]:
     assert set(body["error"]) == {"type", "message"}, body
     assert isinstance(body["error"]["message"], str) and body["error"]["message"]
     return body["error"]["type"], body["error"]["message"]
+
+
+def store_spec(kind: str, tmp_path: Path, request: pytest.FixtureRequest) -> str:
+    """The ``--store`` spec of a store kind: ``memory``, ``sqlite`` (a file in ``tmp_path``) or ``redis``
+    (the session's redis-server, under a key prefix of this test's own)."""
+    if kind == "sqlite":
+        return f"sqlite:{tmp_path / 'gw.sqlite3'}"
+    if kind == "redis":
+        return str(request.getfixturevalue("redis_store"))
+    return kind

@@ -3,25 +3,35 @@
 from __future__ import annotations
 
 import asyncio
+import logging
+import os
+import socket
 import threading
 from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
 
+from conftest import start_redis, stop_redis
 from sidechain.gateway.eventlog import (
     EventLog,
     MemoryEventLog,
+    RedisEventLog,
     SqliteEventLog,
     StoredEvent,
+    ThreadExchange,
     TurnRecord,
     open_event_log,
 )
 
 
-def make(kind: str, path: Path, retention: int = 100) -> EventLog:
+def make(kind: str, path: Path, retention: int = 100, request: pytest.FixtureRequest | None = None
+         ) -> EventLog:
     if kind == "memory":
         return MemoryEventLog(retention=retention)
+    if kind == "redis":
+        assert request is not None
+        return RedisEventLog(request.getfixturevalue("redis_store"), retention=retention)
     return SqliteEventLog(str(path / "log.sqlite3"), retention=retention)
 
 
@@ -29,14 +39,15 @@ def sqlite_threads() -> list[threading.Thread]:
     return [t for t in threading.enumerate() if t.name.startswith("sidechain-sqlite")]
 
 
-@pytest.mark.parametrize("kind", ["memory", "sqlite"])
-async def test_append_delivers_in_order_after_durable(kind: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize("kind", ["memory", "sqlite", "redis"])
+async def test_append_delivers_in_order_after_durable(kind: str, tmp_path: Path,
+                                                      request: pytest.FixtureRequest) -> None:
     delivered: list[StoredEvent] = []
 
     def sink(events: Sequence[StoredEvent]) -> None:
         delivered.extend(events)
 
-    log = make(kind, tmp_path, retention=5)
+    log = make(kind, tmp_path, retention=5, request=request)
     await log.open(sink)
     try:
         log.create_conversation("c1", 1.0)
@@ -92,9 +103,14 @@ async def test_sqlite_survives_reopen_and_releases_its_thread(tmp_path: Path) ->
 def test_store_spec() -> None:
     assert isinstance(open_event_log("memory", retention=1), MemoryEventLog)
     with pytest.raises(ValueError):
-        open_event_log("redis://x", retention=1)
+        open_event_log("postgres://x", retention=1)
     with pytest.raises(ValueError):
         open_event_log("sqlite:", retention=1)
+    redis = open_event_log("redis://127.0.0.1:6379/2?prefix=gw1&socket_timeout=5", retention=1)
+    assert isinstance(redis, RedisEventLog)
+    assert (redis.url, redis.prefix) == ("redis://127.0.0.1:6379/2?socket_timeout=5", "gw1")
+    with pytest.raises(ValueError, match="prefix"):
+        open_event_log("redis://127.0.0.1:6379/0?prefix=a:b", retention=1)
 
 
 async def test_sqlite_batches_writes_in_one_worker_thread(
@@ -127,3 +143,89 @@ async def test_sqlite_batches_writes_in_one_worker_thread(
         assert 2 <= len(batches) <= 11
     finally:
         await log.close()
+
+
+async def test_redis_survives_reopen_with_threads_turns_and_retention(
+    redis_store: str, request: pytest.FixtureRequest
+) -> None:
+    """What one gateway wrote, the next one reads: events (trimmed exactly to ``retention``), turns,
+    unfinished turns, btw threads in their order of use with their newest exchanges."""
+    log = RedisEventLog(redis_store, retention=3)
+    delivered: list[int] = []
+    await log.open(lambda events: delivered.extend(e.id for e in events))
+    log.create_conversation("c", 5.5)
+    for i in range(1, 8):
+        log.append(StoredEvent("c", i, "t", f'{{"i":{i}}}'))
+    log.save_turn("c", TurnRecord("turn_a", 1, "first", "completed", "answer"))
+    log.save_turn("c", TurnRecord("turn_b", 2, "second", "running"))
+    for thread in ("thr_b", "thr_a", "thr_gone", "thr_b"):  # thr_b used last
+        log.use_thread("c", thread)
+    for seq in range(1, 53):  # a thread keeps its newest 50
+        log.save_exchange("c", ThreadExchange("thr_a", seq, f"q{seq}", f"a{seq}"))
+    log.drop_thread("c", "thr_gone")
+    await log.close()
+    assert delivered == list(range(1, 8))
+
+    again = open_event_log(redis_store, retention=3)
+    await again.open(lambda events: None)
+    try:
+        record = await again.load_conversation("c")
+        assert record is not None
+        assert (record.created_at, record.last_event_id) == (5.5, 7)
+        assert [e.id for e in await again.read("c", 0, 100)] == [5, 6, 7]
+        assert [(e.id, e.data) for e in await again.read("c", 5, 1)] == [(6, '{"i":6}')]
+        assert [t.turn_id for t in record.turns] == ["turn_a", "turn_b"]
+        assert [(c, t.turn_id) for c, t in await again.unfinished_turns()] == [("c", "turn_b")]
+        assert record.threads == ["thr_a", "thr_b"]
+        assert [x.seq for x in record.exchanges] == list(range(3, 53))
+        assert record.exchanges[-1] == ThreadExchange("thr_a", 52, "q52", "a52")
+        assert await again.load_conversation("unknown") is None
+        # ids continue: a restart's next event is appended after the newest
+        again.append(StoredEvent("c", 8, "t", "{}"))
+        await again.flush()
+        assert [e.id for e in await again.read("c", 6, 100)] == [7, 8]
+    finally:
+        await again.close()
+        await again.close()  # idempotent
+
+
+async def test_redis_unreachable_is_a_clear_error_at_open() -> None:
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = RedisEventLog(f"redis://127.0.0.1:{port}/0", retention=10)
+    before = len(os.listdir("/proc/self/fd"))
+    with pytest.raises(ConnectionError, match=f"127.0.0.1:{port}"):
+        await log.open(lambda events: None)
+    assert len(os.listdir("/proc/self/fd")) == before
+
+
+async def test_redis_outage_is_logged_events_still_delivered_then_recovered(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Redis stops while the gateway writes: the failed transaction is logged and its events are
+    delivered anyway (the protocol's rule for a failed write), nothing waits forever; once Redis is
+    back, writes go through again on the same log."""
+    proc, port = start_redis()
+    log = RedisEventLog(f"redis://127.0.0.1:{port}/0?socket_timeout=2", retention=100)
+    delivered: list[int] = []
+    try:
+        await log.open(lambda events: delivered.extend(e.id for e in events))
+        log.create_conversation("c", 0.0)
+        log.append(StoredEvent("c", 1, "t", "{}"))
+        await log.flush()
+        stop_redis(proc)
+        with caplog.at_level(logging.ERROR, logger="sidechain.gateway.eventlog"):
+            log.append(StoredEvent("c", 2, "t", "{}"))
+            async with asyncio.timeout(30):
+                await log.flush()
+        assert delivered == [1, 2]
+        assert "Redis write of 1 operations failed" in caplog.text
+        proc, _ = start_redis(port)  # a new, empty server (no persistence) on the same address
+        log.append(StoredEvent("c", 3, "t", "{}"))
+        await log.flush()
+        assert delivered == [1, 2, 3]
+        assert [e.id for e in await log.read("c", 0, 10)] == [3]
+    finally:
+        await log.close()
+        stop_redis(proc)

@@ -21,6 +21,7 @@ from gateway_helpers import (
     open_fds,
     other_tasks,
     post_message,
+    store_spec,
     wait_until,
 )
 from sidechain.gateway.testing import running_gateway
@@ -33,9 +34,9 @@ async def session() -> AsyncIterator[aiohttp.ClientSession]:
         yield s
 
 
-@pytest.fixture(params=["memory", "sqlite"])
+@pytest.fixture(params=["memory", "sqlite", "redis"])
 def store(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    return "memory" if request.param == "memory" else f"sqlite:{tmp_path / 'log.sqlite3'}"
+    return store_spec(request.param, tmp_path, request)
 
 
 async def test_resume_with_last_event_id(session: aiohttp.ClientSession, store: str) -> None:
@@ -64,9 +65,11 @@ async def test_resume_with_last_event_id(session: aiohttp.ClientSession, store: 
         assert gw.gateway.metrics.resumes_total == 3
 
 
-async def test_resume_from_store_beyond_the_ring(session: aiohttp.ClientSession, tmp_path: Path) -> None:
-    """A reader further behind than the in-memory ring reads from the sqlite log, in order."""
-    store = f"sqlite:{tmp_path / 'log.sqlite3'}"
+@pytest.mark.parametrize("kind", ["sqlite", "redis"])
+async def test_resume_from_store_beyond_the_ring(session: aiohttp.ClientSession, tmp_path: Path, kind: str,
+                                                 request: pytest.FixtureRequest) -> None:
+    """A reader further behind than the in-memory ring reads from the durable log, in order."""
+    store = store_spec(kind, tmp_path, request)
     async with running_gateway(store=store, echo_pace=0, subscriber_queue=4, max_message_chars=10_000) as gw:
         cid = await create_conversation(session, gw.url)
         url = f"{gw.url}/v1/conversations/{cid}/events"
@@ -106,7 +109,7 @@ async def test_resume_gap_after_retention(session: aiohttp.ClientSession, store:
         async with session.get(url) as resp:
             fresh = await SSEReader(resp).until("turn.completed")
         assert ids(fresh) == list(range(oldest, newest + 1))
-        if store.startswith("sqlite"):
+        if store != "memory":
             rows = await gw.gateway.log.read(cid, 0, 1000)
             assert [e.id for e in rows] == list(range(oldest, newest + 1))
 

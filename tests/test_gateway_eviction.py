@@ -10,12 +10,22 @@ from typing import Any
 import aiohttp
 import pytest
 
-from gateway_helpers import SSEReader, create_conversation, data, get_json, post_message, wait_until
+from gateway_helpers import (
+    SSEReader,
+    create_conversation,
+    data,
+    get_json,
+    post_message,
+    store_spec,
+    wait_until,
+)
 from sidechain.gateway.errors import ServiceUnavailable
 from sidechain.gateway.eventlog import SqliteEventLog, ThreadExchange
 from sidechain.gateway.testing import RunningGateway, running_gateway
 
 LATER = 10_000.0  # seconds added to the loop time: "long after", without waiting for it
+#: The store each way of reloading a conversation runs on: evicted from memory, or a gateway restart.
+RELOAD_STORE = {"evicted": "memory", "restarted": "sqlite", "restarted-redis": "redis"}
 
 
 @pytest.fixture
@@ -37,11 +47,11 @@ async def finished_turn(gw: RunningGateway, session: aiohttp.ClientSession, cid:
         await reader.until("turn.completed")
 
 
-@pytest.mark.parametrize("store", ["memory", "sqlite"])
+@pytest.mark.parametrize("store", ["memory", "sqlite", "redis"])
 async def test_idle_conversation_is_evicted_and_reloaded_intact(
-    store: str, tmp_path: Path, session: aiohttp.ClientSession
+    store: str, tmp_path: Path, session: aiohttp.ClientSession, request: pytest.FixtureRequest
 ) -> None:
-    spec = "memory" if store == "memory" else f"sqlite:{tmp_path / 'gw.sqlite3'}"
+    spec = store_spec(store, tmp_path, request)
     async with running_gateway(store=spec, echo_pace=0, btw_grace=0) as gw:
         cid = await create_conversation(session, gw.url)
         await finished_turn(gw, session, cid, "first")
@@ -110,11 +120,11 @@ async def ask_btw(gw: RunningGateway, session: aiohttp.ClientSession, cid: str, 
     return result
 
 
-@pytest.mark.parametrize("how", ["evicted", "restarted"])
+@pytest.mark.parametrize("how", ["evicted", "restarted", "restarted-redis"])
 async def test_btw_thread_survives_eviction_and_restart(
-    how: str, tmp_path: Path, session: aiohttp.ClientSession
+    how: str, tmp_path: Path, session: aiohttp.ClientSession, request: pytest.FixtureRequest
 ) -> None:
-    store = f"sqlite:{tmp_path / 'gw.sqlite3'}" if how == "restarted" else "memory"
+    store = store_spec(RELOAD_STORE[how], tmp_path, request)
     async with running_gateway(store=store, echo_pace=0, btw_grace=0) as gw:
         cid = await create_conversation(session, gw.url)
         first = await ask_btw(gw, session, cid, "what is a btw?")
@@ -123,7 +133,7 @@ async def test_btw_thread_survives_eviction_and_restart(
             await wait_until(lambda: not gw.gateway.btws.conversations_in_use(), what="the btw to be freed")
             assert gw.gateway.evict_idle(far_future()) == 1
             follow = await ask_btw(gw, session, cid, "and then?", thread)
-    if how == "restarted":
+    if how.startswith("restarted"):
         async with running_gateway(store=store, echo_pace=0) as gw:
             follow = await ask_btw(gw, session, cid, "and then?", thread)
     assert follow["thread_id"] == thread
@@ -167,12 +177,12 @@ async def test_request_with_a_slow_body_never_uses_an_evicted_object(session: ai
         assert refused.value.type == "conversation_reloading"
 
 
-@pytest.mark.parametrize("store", ["memory", "sqlite"])
+@pytest.mark.parametrize("store", ["memory", "sqlite", "redis"])
 async def test_btw_threads_per_conversation_are_bounded(
-    store: str, tmp_path: Path, session: aiohttp.ClientSession
+    store: str, tmp_path: Path, session: aiohttp.ClientSession, request: pytest.FixtureRequest
 ) -> None:
     """Beyond ``max_btw_threads`` the least recently used thread is dropped, in memory and in the store."""
-    spec = "memory" if store == "memory" else f"sqlite:{tmp_path / 'gw.sqlite3'}"
+    spec = store_spec(store, tmp_path, request)
     async with running_gateway(store=spec, echo_pace=0, btw_grace=0, max_btw_threads=2) as gw:
         cid = await create_conversation(session, gw.url)
         first = (await ask_btw(gw, session, cid, "one?"))["thread_id"]
@@ -227,19 +237,19 @@ async def test_a_thread_dropped_while_its_btw_runs_does_not_come_back(session: a
 
 
 async def reload(gw: RunningGateway, how: str) -> None:
-    """Drop every conversation from memory (``evicted``) or restart the gateway (``restarted``, sqlite)."""
+    """Drop every conversation from memory (``evicted``); a restart is the test's own (a new gateway)."""
     if how == "evicted":
         await wait_until(lambda: not gw.gateway.btws.conversations_in_use(), what="the btws to be freed")
         assert gw.gateway.evict_idle(far_future()) == 1
 
 
-@pytest.mark.parametrize("how", ["evicted", "restarted"])
+@pytest.mark.parametrize("how", ["evicted", "restarted", "restarted-redis"])
 async def test_least_recently_used_order_of_threads_survives(
-    how: str, tmp_path: Path, session: aiohttp.ClientSession
+    how: str, tmp_path: Path, session: aiohttp.ClientSession, request: pytest.FixtureRequest
 ) -> None:
     """The order in which threads were last used comes back from the store: after a reload, a new
     thread drops the thread used least recently, not whichever the store lists first."""
-    store = f"sqlite:{tmp_path / 'gw.sqlite3'}" if how == "restarted" else "memory"
+    store = store_spec(RELOAD_STORE[how], tmp_path, request)
     opts: dict[str, Any] = {"store": store, "echo_pace": 0, "btw_grace": 0, "max_btw_threads": 3}
     async with running_gateway(**opts) as gw:
         cid = await create_conversation(session, gw.url)
@@ -251,20 +261,20 @@ async def test_least_recently_used_order_of_threads_survives(
         if how == "evicted":
             await ask_btw(gw, session, cid, "four?")  # drops the least recently used: threads[2]
             survivors = set((await gw.gateway.conversation(cid)).threads)
-    if how == "restarted":
+    if how.startswith("restarted"):
         async with running_gateway(**opts) as gw:
             await ask_btw(gw, session, cid, "four?")
             survivors = set((await gw.gateway.conversation(cid)).threads)
     assert threads[2] not in survivors and {threads[0], threads[1]} <= survivors
 
 
-@pytest.mark.parametrize("how", ["evicted", "restarted"])
+@pytest.mark.parametrize("how", ["evicted", "restarted", "restarted-redis"])
 async def test_thread_without_a_completed_exchange_survives(
-    how: str, tmp_path: Path, session: aiohttp.ClientSession
+    how: str, tmp_path: Path, session: aiohttp.ClientSession, request: pytest.FixtureRequest
 ) -> None:
     """A thread whose only btw was cancelled has no exchange to store, but the client was told its id
     (``btw.started``): after a reload, asking in it again is not ``thread_not_found``."""
-    store = f"sqlite:{tmp_path / 'gw.sqlite3'}" if how == "restarted" else "memory"
+    store = store_spec(RELOAD_STORE[how], tmp_path, request)
     opts: dict[str, Any] = {"store": store, "echo_pace": 40, "btw_grace": 0}
     async with running_gateway(**opts) as gw:
         cid = await create_conversation(session, gw.url)
@@ -277,7 +287,7 @@ async def test_thread_without_a_completed_exchange_survives(
         await reload(gw, how)
         if how == "evicted":
             follow = await ask_btw(gw, session, cid, "still there?", thread)
-    if how == "restarted":
+    if how.startswith("restarted"):
         async with running_gateway(**opts) as gw:
             follow = await ask_btw(gw, session, cid, "still there?", thread)
     assert follow["thread_id"] == thread

@@ -1,4 +1,5 @@
-"""The gateway as a real process: SIGKILL mid-stream and resume from the sqlite log; SIGTERM shutdown."""
+"""The gateway as a real process: SIGKILL mid-stream and resume from the sqlite or Redis log; SIGTERM
+shutdown."""
 
 from __future__ import annotations
 
@@ -21,8 +22,12 @@ async def session() -> AsyncIterator[aiohttp.ClientSession]:
         yield s
 
 
-async def test_sigkill_mid_stream_then_resume_from_sqlite(session: aiohttp.ClientSession) -> None:
-    async with GatewayProcess("--echo-pace", "40", "--no-access-log") as gp:
+@pytest.mark.parametrize("kind", ["sqlite", "redis"])
+async def test_sigkill_mid_stream_then_resume_from_the_store(
+    session: aiohttp.ClientSession, kind: str, request: pytest.FixtureRequest
+) -> None:
+    store = request.getfixturevalue("redis_store") if kind == "redis" else None  # None: a sqlite file
+    async with GatewayProcess("--echo-pace", "40", "--no-access-log", store=store) as gp:
         first_port = gp.port
         cid = await create_conversation(session, gp.url)
         done = await post_message(session, gp.url, cid, "a short first turn")

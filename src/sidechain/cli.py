@@ -55,7 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--host", default="127.0.0.1", help="interface (default 127.0.0.1; others need a token)")
     srv.add_argument("--port", type=int, default=8765, help="TCP port (0 = any free port; default 8765)")
     srv.add_argument("--model", default="echo", help="echo (offline, default) or openai:BASE_URL:MODEL")
-    srv.add_argument("--store", default=None, help="sqlite:PATH (default: in the user data dir) or memory")
+    srv.add_argument("--store", default=None, help="sqlite:PATH (default: in the user data dir), memory, "
+                     "or redis://HOST:PORT/DB[?prefix=P]")
     srv.add_argument("--token", default=None, help="bearer token (generated when needed and not given)")
     srv.add_argument("--echo-pace", type=float, default=30.0, help="echo model tokens per second (0 = max)")
     srv.add_argument("--keepalive", type=float, default=None, help="seconds between keepalive comments")

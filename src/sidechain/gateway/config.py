@@ -7,6 +7,8 @@ import ipaddress
 import os
 from dataclasses import dataclass
 
+from .eventlog import open_event_log
+
 __all__ = ["GatewayConfig", "default_store_spec", "is_loopback_host"]
 
 
@@ -41,7 +43,8 @@ class GatewayConfig:
     port: int = 8765
     #: ``echo`` (embedded offline model) or ``openai:BASE_URL:MODEL``.
     model: str = "echo"
-    #: ``memory`` or ``sqlite:PATH``. The ``serve`` command defaults to :func:`default_store_spec`.
+    #: ``memory``, ``sqlite:PATH`` or ``redis://HOST:PORT/DB[?prefix=P]``. The ``serve`` command defaults
+    #: to :func:`default_store_spec`.
     store: str = "memory"
     #: Bearer token required on every route but ``/healthz``; None disables auth (loopback only).
     token: str | None = None
@@ -130,5 +133,4 @@ class GatewayConfig:
             raise ValueError(f"port must be 0..65535, got {self.port}")
         if self.requires_token and not self.token:
             raise ValueError(f"a token is required when listening on {self.host!r} (not loopback)")
-        if self.store != "memory" and not self.store.startswith("sqlite:"):
-            raise ValueError(f"store must be 'memory' or 'sqlite:PATH', got {self.store!r}")
+        open_event_log(self.store, retention=max(1, self.retention))  # ValueError for a bad spec; no I/O

@@ -1,4 +1,4 @@
-"""Event logs behind one protocol: ``memory`` and ``sqlite:PATH``."""
+"""Event logs behind one protocol: ``memory``, ``sqlite:PATH`` and ``redis://HOST:PORT/DB``."""
 
 from __future__ import annotations
 
@@ -15,6 +15,8 @@ from .base import (
     TurnState,
 )
 from .memory import MemoryEventLog
+from .redis import SCHEMES as REDIS_SCHEMES
+from .redis import RedisEventLog
 from .sqlite import SqliteEventLog
 
 __all__ = [
@@ -23,6 +25,7 @@ __all__ = [
     "EventLog",
     "EventSink",
     "MemoryEventLog",
+    "RedisEventLog",
     "SqliteEventLog",
     "StoredEvent",
     "ThreadExchange",
@@ -32,10 +35,16 @@ __all__ = [
 ]
 
 
+#: What ``--store`` accepts, for error messages.
+STORE_SPECS = "'memory', 'sqlite:PATH' or 'redis://HOST:PORT/DB[?prefix=P]' (also rediss://, unix://)"
+
+
 def open_event_log(spec: str, *, retention: int) -> EventLog:
-    """Build (not open) the log named by ``spec``: ``memory`` or ``sqlite:PATH``. ``ValueError`` otherwise."""
+    """Build (not open) the log named by ``spec`` (see :data:`STORE_SPECS`); ``ValueError`` otherwise."""
     if spec == "memory":
         return MemoryEventLog(retention=retention)
     if spec.startswith("sqlite:") and len(spec) > len("sqlite:"):
         return SqliteEventLog(os.path.expanduser(spec[len("sqlite:") :]), retention=retention)
-    raise ValueError(f"unknown store {spec!r}: use 'memory' or 'sqlite:PATH'")
+    if spec.startswith(REDIS_SCHEMES):
+        return RedisEventLog(spec, retention=retention)
+    raise ValueError(f"unknown store {spec!r}: use {STORE_SPECS}")

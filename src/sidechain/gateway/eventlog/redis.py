@@ -1,0 +1,359 @@
+"""Event log on Redis: one Redis Stream of events per conversation, written in transactions.
+
+Every write is enqueued on the event loop and returns at once; one writer task sends each batch (all
+that accumulated while the previous batch was in flight, up to ``max_batch`` operations) as one
+``MULTI``/``EXEC`` transaction, in the order the writes were enqueued. Only after ``EXEC`` are the
+batch's events handed to the sink, so a client never sees an event the store does not hold, and ids
+continue after a gateway restart without a gap or reuse. How durable an acknowledged write is, is the
+Redis server's setting (``appendonly yes`` with ``appendfsync everysec`` loses at most a second of
+writes if the *Redis* host crashes; a gateway crash loses nothing).
+
+Keys (``P`` is the prefix, ``sidechain`` unless the URL says ``?prefix=``; ``C`` a conversation id):
+
+* ``P:conv:C`` hash: ``created_at``, ``last_id`` (the newest event id written), ``thread_uses``;
+* ``P:events:C`` stream: event ``n`` is the entry ``n-0`` with fields ``t`` (type) and ``d`` (data);
+  trimmed exactly to the newest ``retention`` events;
+* ``P:turns:C`` hash: turn id → the turn record (JSON); ``P:unfinished`` set: ``C`` + LF + turn id of
+  every queued or running turn;
+* ``P:threads:C`` sorted set: btw thread ids scored by their last use; ``P:thread:C:T`` hash: seq → a
+  completed exchange (JSON), the newest ``MAX_THREAD_EXCHANGES`` only.
+
+A failed transaction (Redis down or restarting; commands time out after 5 s unless the URL sets
+``socket_timeout``) is logged and its events are delivered anyway, as with sqlite: the stream goes
+on, and what it delivered meanwhile is missing from the store.
+
+One gateway per prefix: two gateways writing one conversation would assign the same ids. A
+transaction spans several conversations, so the store needs one Redis (or its primary), not a cluster.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+import msgspec
+
+from .base import (
+    MAX_THREAD_EXCHANGES,
+    ConversationRecord,
+    EventSink,
+    StoredEvent,
+    ThreadExchange,
+    TurnRecord,
+    TurnState,
+)
+
+if TYPE_CHECKING:  # pragma: no cover
+    from redis.asyncio import Redis
+
+__all__ = ["RedisEventLog", "redis_target"]
+
+log = logging.getLogger("sidechain.gateway.eventlog")
+
+#: Seconds a Redis command or connect may take, unless the URL says otherwise.
+DEFAULT_TIMEOUT = 5.0
+
+#: URL schemes of a Redis store spec (redis-py's own).
+SCHEMES = ("redis://", "rediss://", "unix://")
+
+# One enqueued write, as in the sqlite log: ("conv", id, created_at) | ("turn", conv_id, TurnRecord)
+# | ("event", StoredEvent) | ("exchange", conv_id, ThreadExchange) | ("use_thread", conv_id, thread_id)
+# | ("drop_thread", conv_id, thread_id)
+_Op = tuple[Any, ...]
+
+# A use numbers the thread after every earlier use of its conversation (atomic in Redis: no read
+# before the write, and the order survives restarts).
+_USE_THREAD = """
+local n = redis.call('HINCRBY', KEYS[1], 'thread_uses', 1)
+redis.call('ZADD', KEYS[2], n, ARGV[1])
+return n
+"""
+
+_encode = msgspec.json.Encoder().encode
+_decode_turn = msgspec.json.Decoder(TurnRecord).decode
+_decode_pair = msgspec.json.Decoder(tuple[str, str]).decode
+
+
+def redis_target(spec: str) -> tuple[str, str]:
+    """``(url for redis-py, key prefix)`` of a store spec such as ``redis://host:6379/0?prefix=gw1``."""
+    parts = urlsplit(spec)
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    prefixes = [v for k, v in query if k == "prefix"]
+    rest = [(k, v) for k, v in query if k != "prefix"]
+    prefix = prefixes[-1] if prefixes else "sidechain"
+    if not prefix or any(c in prefix for c in " \n:"):
+        raise ValueError(f"invalid Redis key prefix {prefix!r}: non-empty, no spaces, colons or newlines")
+    return urlunsplit(parts._replace(query=urlencode(rest))), prefix
+
+
+class RedisEventLog:
+    """An :class:`~.base.EventLog` in Redis (redis-py's asyncio client).
+
+    Owns one client (its connection pool) and, while writes are in flight, one writer task.
+    :meth:`close` sends everything enqueued, then closes the client. A failed transaction is logged
+    and its events are delivered anyway, as the protocol says; reads raise the client's error.
+    """
+
+    durable = True
+
+    def __init__(self, spec: str, *, retention: int, max_batch: int = 4096) -> None:
+        self.url, self.prefix = redis_target(spec)
+        self.retention = retention
+        self._max_batch = max_batch
+        self._pending: list[_Op] = []
+        self._enqueued = 0
+        self._committed = 0
+        self._waiters: list[tuple[int, asyncio.Future[None]]] = []
+        self._writer: asyncio.Task[None] | None = None
+        self._closed = False
+        self._sink: EventSink | None = None
+        self._redis: Redis | None = None
+        self._use_thread: Any = None
+
+    # -- keys ----------------------------------------------------------------------------------------
+
+    def _conv(self, cid: str) -> str:
+        return f"{self.prefix}:conv:{cid}"
+
+    def _events(self, cid: str) -> str:
+        return f"{self.prefix}:events:{cid}"
+
+    def _turns(self, cid: str) -> str:
+        return f"{self.prefix}:turns:{cid}"
+
+    def _threads(self, cid: str) -> str:
+        return f"{self.prefix}:threads:{cid}"
+
+    def _thread(self, cid: str, thread_id: str) -> str:
+        return f"{self.prefix}:thread:{cid}:{thread_id}"
+
+    @property
+    def _unfinished(self) -> str:
+        return f"{self.prefix}:unfinished"
+
+    # -- lifecycle -----------------------------------------------------------------------------------
+
+    async def open(self, sink: EventSink) -> None:
+        """Connect and check the server answers; raises ``ConnectionError`` with the URL when it does not,
+        ``RuntimeError`` when the ``redis`` package is missing."""
+        try:
+            from redis.asyncio import Redis
+            from redis.exceptions import RedisError
+        except ImportError as exc:  # pragma: no cover - the dev install has it
+            raise RuntimeError("the Redis store needs the redis package: pip install 'sidechain[redis]'"
+                               ) from exc
+        # bounded waits unless the URL sets its own (``?socket_timeout=``): an unreachable Redis must
+        # not stall the writer, and with it every event stream, for the kernel's connect timeout
+        client = Redis.from_url(self.url, decode_responses=True, socket_timeout=DEFAULT_TIMEOUT,
+                                socket_connect_timeout=DEFAULT_TIMEOUT)
+        try:
+            await client.ping()
+        except (RedisError, OSError) as exc:
+            await client.aclose()
+            raise ConnectionError(f"cannot use the Redis store at {self.url}: {exc}") from exc
+        self._redis = client
+        self._use_thread = client.register_script(_USE_THREAD)
+        self._sink = sink
+
+    async def close(self) -> None:
+        """Send everything enqueued (delivering its events), then close the client. Idempotent. If
+        cancelled while waiting, the writer is cancelled and the client closed before ``CancelledError``
+        propagates."""
+        if self._closed:
+            return
+        try:
+            await self.flush()
+        finally:
+            self._closed = True
+            writer, self._writer = self._writer, None
+            if writer is not None and not writer.done():
+                writer.cancel()
+                await asyncio.gather(writer, return_exceptions=True)
+            client, self._redis = self._redis, None
+            if client is not None:
+                await client.aclose()
+            for _, fut in self._waiters:
+                if not fut.done():
+                    fut.set_result(None)
+            self._waiters.clear()
+            self._sink = None
+
+    # -- writes (enqueue only) -----------------------------------------------------------------------
+
+    def _enqueue(self, op: _Op) -> None:
+        if self._closed or self._redis is None:
+            log.warning("write to a closed event log ignored: %s", op[0])
+            return
+        self._pending.append(op)
+        self._enqueued += 1
+        if self._writer is None:
+            # its first step runs on the next loop iteration: every write of this step is in its batch
+            self._writer = asyncio.get_running_loop().create_task(self._write_loop(),
+                                                                  name="sidechain-redis-writer")
+
+    def create_conversation(self, conversation_id: str, created_at: float) -> None:
+        self._enqueue(("conv", conversation_id, created_at))
+
+    def save_turn(self, conversation_id: str, turn: TurnRecord) -> None:
+        self._enqueue(("turn", conversation_id, turn))
+
+    def append(self, event: StoredEvent) -> None:
+        self._enqueue(("event", event))
+
+    def save_exchange(self, conversation_id: str, exchange: ThreadExchange) -> None:
+        self._enqueue(("exchange", conversation_id, exchange))
+
+    def use_thread(self, conversation_id: str, thread_id: str) -> None:
+        self._enqueue(("use_thread", conversation_id, thread_id))
+
+    def drop_thread(self, conversation_id: str, thread_id: str) -> None:
+        self._enqueue(("drop_thread", conversation_id, thread_id))
+
+    async def flush(self) -> None:
+        """Wait until every write enqueued before this call is in Redis and its events delivered."""
+        target = self._enqueued
+        if self._committed >= target:
+            return
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append((target, fut))
+        await fut
+
+    # -- reads ---------------------------------------------------------------------------------------
+
+    def _client(self) -> Redis:
+        if self._redis is None:
+            raise RuntimeError("the Redis event log is not open")
+        return self._redis
+
+    async def load_conversation(self, conversation_id: str) -> ConversationRecord | None:
+        await self.flush()
+        client = self._client()
+        async with client.pipeline(transaction=True) as pipe:
+            pipe.hgetall(self._conv(conversation_id))
+            pipe.hvals(self._turns(conversation_id))
+            pipe.zrange(self._threads(conversation_id), 0, -1)
+            conv, turn_values, threads = await pipe.execute()
+        if not conv:
+            return None
+        turns = sorted((_decode_turn(v) for v in turn_values), key=lambda t: t.seq)
+        exchanges: list[ThreadExchange] = []
+        if threads:
+            async with client.pipeline(transaction=True) as pipe:
+                for thread_id in threads:
+                    pipe.hgetall(self._thread(conversation_id, thread_id))
+                stored = await pipe.execute()
+            for thread_id, pairs in zip(threads, stored, strict=True):
+                for seq in sorted(int(s) for s in pairs):
+                    question, answer = _decode_pair(pairs[str(seq)])
+                    exchanges.append(ThreadExchange(thread_id, seq, question, answer))
+        return ConversationRecord(conversation_id, float(conv["created_at"]), turns,
+                                  int(conv.get("last_id", 0)), exchanges, list(threads))
+
+    async def read(self, conversation_id: str, after_id: int, limit: int) -> list[StoredEvent]:
+        if limit <= 0:
+            return []
+        key, first = self._events(conversation_id), f"{max(1, after_id + 1)}-0"
+        entries: list[tuple[str, dict[str, str]]] = await self._client().xrange(  # type: ignore[assignment]
+            key, min=first, max="+", count=limit
+        )
+        return [StoredEvent(conversation_id, int(entry_id.partition("-")[0]), fields["t"], fields["d"])
+                for entry_id, fields in entries]
+
+    async def unfinished_turns(self) -> list[tuple[str, TurnRecord]]:
+        await self.flush()
+        client = self._client()
+        stored: set[str] = await client.smembers(self._unfinished)  # type: ignore[assignment]
+        members = sorted(m.split("\n", 1) for m in stored)
+        if not members:
+            return []
+        async with client.pipeline(transaction=True) as pipe:
+            for cid, turn_id in members:
+                pipe.hget(self._turns(cid), turn_id)
+            values = await pipe.execute()
+        found = [(cid, _decode_turn(v)) for (cid, _), v in zip(members, values, strict=True) if v is not None]
+        found.sort(key=lambda pair: (pair[0], pair[1].seq))
+        return [(cid, t) for cid, t in found if t.state in TurnState.UNFINISHED]
+
+    # -- internals -----------------------------------------------------------------------------------
+
+    async def _write_loop(self) -> None:
+        try:
+            while self._pending:
+                batch = self._pending[: self._max_batch]
+                del self._pending[: len(batch)]
+                error: BaseException | None = None
+                try:
+                    await self._write(batch)
+                except Exception as exc:  # the connection, the server: logged, events delivered anyway
+                    error = exc
+                self._on_committed(batch, error)
+        finally:
+            self._writer = None
+
+    async def _write(self, batch: list[_Op]) -> None:
+        client = self._client()
+        newest: dict[str, int] = {}
+        async with client.pipeline(transaction=True) as pipe:
+            for op in batch:
+                kind = op[0]
+                if kind == "event":
+                    ev: StoredEvent = op[1]
+                    pipe.xadd(self._events(ev.conversation_id), {"t": ev.type, "d": ev.data}, id=f"{ev.id}-0")
+                    newest[ev.conversation_id] = ev.id
+                elif kind == "turn":
+                    cid, turn = op[1], op[2]
+                    pipe.hset(self._turns(cid), turn.turn_id, _encode(turn))
+                    member = f"{cid}\n{turn.turn_id}"
+                    if turn.state in TurnState.UNFINISHED:
+                        pipe.sadd(self._unfinished, member)
+                    else:
+                        pipe.srem(self._unfinished, member)
+                elif kind == "exchange":
+                    cid, x = op[1], op[2]
+                    key = self._thread(cid, x.thread_id)
+                    pipe.hset(key, str(x.seq), _encode((x.question, x.answer)))
+                    if x.seq > MAX_THREAD_EXCHANGES:  # a thread keeps its newest exchanges only
+                        pipe.hdel(key, str(x.seq - MAX_THREAD_EXCHANGES))
+                elif kind == "use_thread":
+                    cid = op[1]
+                    # queued on the pipeline (no I/O here), which loads the script before its MULTI if needed
+                    await self._use_thread(keys=[self._conv(cid), self._threads(cid)], args=[op[2]],
+                                           client=pipe)
+                elif kind == "drop_thread":
+                    pipe.zrem(self._threads(op[1]), op[2])
+                    pipe.delete(self._thread(op[1], op[2]))
+                else:
+                    cid = op[1]
+                    pipe.hsetnx(self._conv(cid), "created_at", repr(op[2]))
+                    pipe.hsetnx(self._conv(cid), "last_id", 0)
+            for cid, last in newest.items():
+                pipe.hset(self._conv(cid), "last_id", last)
+                if last > self.retention:
+                    pipe.xtrim(self._events(cid), minid=f"{last - self.retention + 1}-0", approximate=False)
+            results = await pipe.execute(raise_on_error=False)
+        failed = [r for r in results if isinstance(r, Exception)]
+        if failed:
+            raise RuntimeError(f"{len(failed)} of {len(results)} Redis commands failed; first: {failed[0]!r}")
+
+    def _on_committed(self, batch: list[_Op], error: BaseException | None) -> None:
+        if error is not None:
+            log.error("Redis write of %d operations failed; their events are delivered anyway", len(batch),
+                      exc_info=error)
+        self._committed += len(batch)
+        events = [op[1] for op in batch if op[0] == "event"]
+        if events and self._sink is not None:
+            try:
+                self._sink(events)
+            except Exception:
+                log.exception("event sink failed")
+        if self._waiters:
+            still: list[tuple[int, asyncio.Future[None]]] = []
+            for target, fut in self._waiters:
+                if target <= self._committed:
+                    if not fut.done():
+                        fut.set_result(None)
+                else:
+                    still.append((target, fut))
+            self._waiters = still
