@@ -14,7 +14,7 @@ told otherwise, ends with ``event: done``. Query parameters:
   ``status`` (answer ``code`` for the first ``faults`` attempts, with ``retry_after`` if given),
   ``early`` (end cleanly after ``at`` events, no ``done``), ``html`` (wrong content type),
   ``status_always`` (always ``code``), ``longline`` (a ``size``-byte data line, default 2000, before
-  event ``at``).
+  event ``at``), ``gzip`` (a compressed body if the request's ``Accept-Encoding`` allows one).
 * ``Last-Event-ID`` resumes after that id.
 """
 
@@ -86,6 +86,8 @@ async def stream(request: web.Request) -> web.StreamResponse:
     if fault == "stall_headers":
         await asyncio.sleep(3600)
     resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+    if fault == "gzip":  # compressed when the request's Accept-Encoding allows it, as a proxy might
+        resp.enable_compression()
     await resp.prepare(request)
     if "retry" in q:
         await resp.write(f"retry: {q['retry']}\n\n".encode())

@@ -460,6 +460,44 @@ async def test_trickle_caught_by_idle_timeout_not_read_timeout(fault_server: str
     assert any(o.kind == "stall" and o.info["deadline"] == "idle_timeout" for o in observed)
 
 
+async def test_no_compressed_body_is_offered_or_received(fault_server: str) -> None:
+    """Bodies are read raw, so the client asks for none compressed (aiohttp offers gzip by default: a
+    compressing server or proxy then sent bytes no decoder could read)."""
+    client = GatewayHTTPClient(fault_server)
+    async with client.stream_post("/s?fault=gzip&n=5", {}, expect_terminal={"done"}) as s:
+        events = await collect(s)
+        assert "Content-Encoding" not in s.headers
+    assert [e.event for e in events] == ["delta"] * 5 + ["done"]
+    async with Session() as pooled, client.stream_post("/s?fault=gzip&n=5", {}, session=pooled) as s:
+        assert len(await collect(s)) == 6
+
+
+@pytest.mark.parametrize("pooled", [False, True])
+async def test_no_response_headers_caught_by_idle_timeout(fault_server: str, pooled: bool) -> None:
+    """A server that accepts the request and never answers is idle: ``idle_timeout`` ends the wait for
+    the headers (it waited forever with no read_timeout); a shorter total_timeout still wins."""
+    before = Resources.now()
+    async with Session() as session:
+        use = session if pooled else None
+        client = GatewayHTTPClient(fault_server, idle_timeout=0.3, total_timeout=5.0)
+        t0 = time.perf_counter()
+        with pytest.raises(IdleTimeout) as info:
+            async with client.stream_post("/s?fault=stall_headers", {}, session=use) as s:
+                await collect(s)
+        assert 0.3 <= time.perf_counter() - t0 < 2.0 and info.value.timeout == 0.3
+        short = GatewayHTTPClient(fault_server, idle_timeout=5.0, total_timeout=0.2)
+        with pytest.raises(TotalTimeout):
+            async with short.stream_post("/s?fault=stall_headers", {}, session=use) as s:
+                await collect(s)
+        retrying = GatewayHTTPClient(fault_server, idle_timeout=0.1,
+                                     retry=RetryPolicy(max_attempts=2, base_delay=0.01, max_delay=0.01))
+        with pytest.raises(RetryExhausted) as exhausted:  # retryable before the first event
+            async with retrying.stream_post_with_retry("/s?fault=stall_headers", {}, session=use) as s:
+                await collect(s)
+        assert exhausted.value.attempts == 2 and isinstance(exhausted.value.last_error, IdleTimeout)
+    await assert_released(before)
+
+
 async def test_total_timeout(fault_server: str) -> None:
     client = GatewayHTTPClient(fault_server, total_timeout=0.3)
     t0 = time.perf_counter()

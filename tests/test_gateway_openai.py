@@ -64,9 +64,16 @@ async def upstream() -> AsyncIterator[Upstream]:
             return web.Response(status=500, text="upstream exploded")
         if state.mode == "json":
             return web.json_response({"choices": []})
+        if state.mode == "silent":  # takes the request, never answers
+            await state.release.wait()
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await resp.prepare(request)
         await resp.write(b'data: {"choices":[{"index":0,"delta":{"role":"assistant"}}]}\n\n')
+        once = state.mode == "role_then_drop_once" and len(state.requests) == 1
+        if state.mode == "role_then_drop" or once:
+            assert request.transport is not None
+            request.transport.abort()  # broken before any content
+            return resp
         for i, delta in enumerate(state.deltas):
             await resp.write(chunk(delta))
             if state.mode == "drop" and i == 1:
@@ -79,6 +86,8 @@ async def upstream() -> AsyncIterator[Upstream]:
             if state.mode == "stall" and i == 1:
                 await state.release.wait()
                 return resp
+        if state.mode == "usage_null":  # some servers' final usage chunk
+            await resp.write(b'data: {"choices":null,"usage":{"prompt_tokens":3,"completion_tokens":4}}\n\n')
         if state.mode != "no_done":
             await resp.write(b"data: [DONE]\n\n")
         await resp.write_eof()
@@ -184,6 +193,38 @@ async def test_upstream_failure_before_first_delta_is_retried_through_sidechain_
         assert len(upstream.requests) == 2
         assert upstream.headers[0]["Idempotency-Key"] == upstream.headers[1]["Idempotency-Key"]
         assert gw.gateway.metrics.upstream_errors_total == 0
+
+
+@pytest.mark.parametrize("mode", ["role_then_drop_once", "usage_null"])
+async def test_upstream_quirks_still_complete(
+    upstream: Upstream, session: aiohttp.ClientSession, mode: str
+) -> None:
+    """A stream broken after the role-only first chunk, before any content, is retried (it was not: the
+    role chunk counted as delivered); a usage chunk with ``"choices": null`` is ignored."""
+    upstream.mode = mode
+    async with running_gateway(model=f"openai:{upstream.url}:m") as gw:
+        events = await run_turn(gw, session)
+        assert events[-1].event == "turn.completed", events[-1]
+        assert [data(e)["delta"] for e in events if e.event == "message.delta"] == upstream.deltas
+        assert len(upstream.requests) == (2 if mode == "role_then_drop_once" else 1)
+
+
+async def test_upstream_retries_before_content_are_bounded(
+    upstream: Upstream, session: aiohttp.ClientSession
+) -> None:
+    """Broken before content every time: ``upstream_max_attempts`` requests in all, then turn.failed;
+    an upstream that never answers is ``upstream_timeout`` after its idle timeout, retried the same way."""
+    upstream.mode = "role_then_drop"
+    async with running_gateway(model=f"openai:{upstream.url}:m", upstream_max_attempts=3) as gw:
+        events = await run_turn(gw, session)
+        assert data(events[-1])["error"]["type"] == "upstream_disconnected"
+    assert len(upstream.requests) == 3
+    upstream.mode, upstream.requests = "silent", []
+    async with running_gateway(model=f"openai:{upstream.url}:m", upstream_idle_timeout=0.2,
+                               upstream_max_attempts=2) as gw:
+        events = await run_turn(gw, session)
+        assert data(events[-1])["error"]["type"] == "upstream_timeout"
+    assert len(upstream.requests) == 2
 
 
 async def test_upstream_unreachable_and_idle_timeout(

@@ -18,7 +18,9 @@ import aiohttp
 import msgspec
 
 from ..errors import (
+    DeadlineExceeded,
     HTTPStatusError,
+    IdleTimeout,
     ProtocolError,
     SidechainError,
     StreamTruncated,
@@ -165,10 +167,16 @@ class EventStream:
         if last_id:
             headers = {**headers, "Last-Event-ID": last_id}
         self._emit("connect", attempt=self._attempt)
-        deadline_error = None
-        if self._deadline is not None:
+        deadline = self._deadline
+        deadline_error: DeadlineExceeded | None = None
+        if deadline is not None:
             deadline_error = TotalTimeout(f"call exceeded total_timeout={self._client.total_timeout}s",
                                           timeout=self._client.total_timeout)
+        idle = self._client.idle_timeout
+        if idle is not None and (deadline is None or self._loop.time() + idle < deadline):
+            # no event can come before the headers: a server that never answers is idle too
+            deadline = self._loop.time() + idle
+            deadline_error = IdleTimeout(f"no response headers within idle_timeout={idle}s", timeout=idle)
         try:
             response = await self._session.request(
                 self._method,
@@ -177,7 +185,7 @@ class EventStream:
                 headers=headers,
                 connect_timeout=self._client.connect_timeout,
                 read_timeout=self._client.read_timeout,
-                deadline=self._deadline,
+                deadline=deadline,
                 deadline_error=deadline_error,
             )
         finally:

@@ -55,6 +55,7 @@ def map_request_error(exc: BaseException, *, connect_timeout: float | None, read
 
 
 _NO_TOTAL_TIMEOUT = aiohttp.ClientTimeout(total=None)
+_IDENTITY = {"Accept-Encoding": "identity"}
 
 
 class DirectConnector(aiohttp.TCPConnector):
@@ -194,6 +195,9 @@ class Session:
                 connector=connector,
                 trust_env=False,
                 timeout=_NO_TOTAL_TIMEOUT,
+                # bodies are read raw (an event stream is decoded as it arrives), so none may come
+                # compressed: aiohttp would otherwise offer gzip and deflate, which a proxy may take up
+                headers=_IDENTITY,
                 auto_decompress=False,
             )
             self._finalizer = on_drop(self, _reap_session, asyncio.get_running_loop(), self._client,

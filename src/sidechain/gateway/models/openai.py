@@ -10,6 +10,8 @@ bad JSON) and ``upstream_error`` (an error object inside the stream).
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import os
 import re
 from collections.abc import AsyncGenerator, Mapping
@@ -19,6 +21,7 @@ from typing import Any
 import msgspec
 
 from ...client import GatewayHTTPClient, RetryPolicy, parse_retry_after
+from ...client.observe import Observer, StreamObservation
 from ...errors import (
     ConnectError,
     DeadlineExceeded,
@@ -99,6 +102,7 @@ async def post_sse(
     connect_timeout: float,
     idle_timeout: float,
     retry: RetryPolicy,
+    observer: Observer | None = None,
 ) -> AsyncGenerator[Event, None]:
     """POST ``payload`` (JSON) and yield the SSE events of the response.
 
@@ -107,7 +111,7 @@ async def post_sse(
     failures before the first event retried as ``retry`` says. Raises :class:`ModelError`.
     """
     client = GatewayHTTPClient(url, connect_timeout=connect_timeout, idle_timeout=idle_timeout,
-                               retry=retry, headers=headers)
+                               retry=retry, headers=headers, observer=observer)
     try:
         async with client.stream_post_with_retry(url, payload) as events:
             async for event in events:
@@ -125,11 +129,15 @@ class _Choice(msgspec.Struct):
 
 
 class _Chunk(msgspec.Struct):
-    choices: list[_Choice] = []
+    choices: list[_Choice] | None = []  # null in some servers' usage chunk
     error: Any = None
 
 
 _chunk_decoder = msgspec.json.Decoder(_Chunk)
+
+#: Failures after the response began that are retried while no content was yielded (an upstream error
+#: object, an HTTP status or a protocol error is an answer, not a broken connection).
+_RETRY_MID_STREAM = frozenset({"upstream_disconnected", "upstream_timeout", "upstream_truncated"})
 
 
 class OpenAIModel:
@@ -157,7 +165,35 @@ class OpenAIModel:
                                  retry_after_cap=retry_after_cap, resume=False)
 
     async def stream(self, request: ModelRequest) -> AsyncGenerator[str, None]:
-        """Yield content deltas; ``ModelError`` on any failure, including a missing ``[DONE]``."""
+        """Yield content deltas; ``ModelError`` on any failure, including a missing ``[DONE]``.
+
+        A failure before the first *content* delta is retried like one before the first event (every
+        server sends a role-only chunk first, so counting events would retry almost nothing): a broken
+        or silent stream, or one that ended without ``[DONE]``; up to ``max_attempts`` requests in all,
+        with the same backoff. Once content was yielded, nothing is.
+        """
+        sent = 0  # requests so far, all attempts included
+
+        def count(observation: StreamObservation) -> None:
+            nonlocal sent
+            sent += observation.kind == "connect"
+
+        while True:
+            produced = False
+            retry = dataclasses.replace(self.retry, max_attempts=self.retry.max_attempts - sent)
+            try:
+                async with aclosing(self._once(request, retry, count)) as deltas:
+                    async for delta in deltas:
+                        produced = True
+                        yield delta
+                return
+            except ModelError as exc:
+                if produced or exc.type not in _RETRY_MID_STREAM or sent >= self.retry.max_attempts:
+                    raise
+                await asyncio.sleep(self.retry.backoff(sent))
+
+    async def _once(self, request: ModelRequest, retry: RetryPolicy, observer: Observer
+                    ) -> AsyncGenerator[str, None]:
         body = {
             "model": self.model,
             "stream": True,
@@ -170,7 +206,7 @@ class OpenAIModel:
         async with aclosing(
             post_sse(
                 self.url, body, headers, connect_timeout=self.connect_timeout, idle_timeout=self.idle_timeout,
-                retry=self.retry,
+                retry=retry, observer=observer,
             )
         ) as events:
             async for event in events:
@@ -187,7 +223,7 @@ class OpenAIModel:
                 if chunk.error is not None:
                     message = chunk.error.get("message") if isinstance(chunk.error, dict) else chunk.error
                     raise ModelError("upstream_error", f"upstream error: {message}")
-                for choice in chunk.choices:
+                for choice in chunk.choices or ():
                     if choice.delta is not None and choice.delta.content:
                         yield choice.delta.content
         if not done:
