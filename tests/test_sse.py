@@ -344,3 +344,79 @@ def test_retry_with_too_many_digits_is_the_ceiling_not_an_error() -> None:
     decoder = Decoder()
     decoder.feed(b"retry: " + b"9" * 15 + b"\n\n")
     assert decoder.retry == 10**15 - 1
+
+
+def test_retry_with_leading_zeros_is_its_value() -> None:
+    for line_end in (b"\n", b"\r\n"):  # the fast path and the general one
+        decoder = Decoder()
+        decoder.feed(b"retry: " + b"0" * 30 + b"5" + line_end * 2)
+        assert decoder.retry == 5
+        decoder.feed(b"retry: " + b"0" * 30 + line_end * 2)
+        assert decoder.retry == 0
+
+
+def test_event_limit_counts_the_data_as_dispatched() -> None:
+    """``max_event_bytes`` bounds the joined data (the LF after the last line is not part of it)."""
+    assert Decoder(max_event_bytes=10).feed(b"data: 0123456789\n\n") == [E("0123456789")]
+    assert Decoder(max_event_bytes=10).feed(b"data: 0123\ndata: 45678\n\n") == [E("0123\n45678")]
+    with pytest.raises(ProtocolError) as info:
+        Decoder(max_event_bytes=10).feed(b"data: 0123456789a\n\n")
+    assert info.value.size == 11 and "11 bytes" in str(info.value)
+
+
+def test_a_failed_decoder_raises_a_new_error_without_old_events() -> None:
+    d = Decoder(max_line_bytes=16)
+    with pytest.raises(ProtocolError) as first:
+        d.feed(b"data: a\n\ndata: " + b"y" * 20 + b"\n\n")
+    assert first.value.events == [E("a")]
+    for _ in range(3):
+        with pytest.raises(ProtocolError) as later:
+            d.feed(b"data: b\n\n")
+        assert later.value is not first.value and later.value.events == []
+        assert later.value.rule == "max_line_bytes" and later.value.__cause__ is first.value
+    d.close()
+    assert d.feed(b"data: c\n\n") == [E("c")]
+
+
+def test_a_long_line_trickling_in_holds_about_its_own_size() -> None:
+    """A line arriving one byte at a time is kept in one buffer (a list of one-byte chunks held ~80
+    bytes per byte, and joining it as much again)."""
+    import tracemalloc
+
+    d = Decoder()
+    size = 100_000
+    tracemalloc.start()
+    try:
+        d.feed(b"data: ")
+        for _ in range(size):
+            d.feed(b"x")
+        held, _ = tracemalloc.get_traced_memory()
+        tracemalloc.reset_peak()
+        events = d.feed(b"\n\n")
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert events == [E("x" * size)]
+    assert held < 4 * size and peak < 8 * size, (held, peak)
+
+
+def test_encode_round_trips_an_id_reset() -> None:
+    events = Decoder().feed(b"id: 1\ndata: a\n\nid\ndata: b\n\ndata: c\n\n")
+    assert events == [E("a", id="1"), E("b"), E("c")]
+    encoder = Encoder()
+    assert Decoder().feed(b"".join(encoder.encode(e) for e in events)) == events
+
+
+def test_text_that_is_not_utf8_is_an_encode_error() -> None:
+    encoder = Encoder()
+    for call in (lambda: encoder.event("\ud800"), lambda: encoder.event("x", id="\ud800"),
+                 lambda: encoder.event("x", event="\ud800"), lambda: encode("\ud800")):
+        with pytest.raises(EncodeError, match="UTF-8"):
+            call()
+
+
+def test_encoder_name_cache_is_bounded() -> None:
+    encoder = Encoder()
+    for i in range(2 * Encoder.MAX_CACHED_NAMES):
+        assert encoder.event("x", event=f"kind{i}") == f"event: kind{i}\ndata: x\n\n".encode()
+    assert len(encoder._names) == Encoder.MAX_CACHED_NAMES

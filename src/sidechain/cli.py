@@ -6,9 +6,10 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from . import __version__
-from .errors import SidechainError
+from .errors import ProtocolError, SidechainError
 from .sse import Comment, Decoder
 
 
@@ -16,16 +17,21 @@ def _cmd_decode(args: argparse.Namespace) -> int:
     """Decode an SSE stream from a file or stdin and print one JSON object per event."""
     decoder = Decoder(comments=args.comments)
     source = open(args.file, "rb") if args.file != "-" else sys.stdin.buffer  # noqa: SIM115
+
+    def show(items: list[Any]) -> None:
+        for item in items:
+            if isinstance(item, Comment):
+                print(json.dumps({"comment": item.text}, ensure_ascii=False))
+            else:
+                print(json.dumps({"event": item.event, "id": item.id, "data": item.data}, ensure_ascii=False))
+
     try:
         while chunk := source.read1(65536) if hasattr(source, "read1") else source.read(65536):
-            for item in decoder.feed(chunk):
-                if isinstance(item, Comment):
-                    print(json.dumps({"comment": item.text}, ensure_ascii=False))
-                else:
-                    print(json.dumps({"event": item.event, "id": item.id, "data": item.data},
-                                     ensure_ascii=False))
+            show(decoder.feed(chunk))
         decoder.close()
     except SidechainError as exc:
+        if isinstance(exc, ProtocolError):
+            show(exc.events)  # decoded from the same chunk before the error: printed, not lost
         print(f"sidechain decode: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
     finally:

@@ -14,14 +14,16 @@ The rules implemented (https://html.spec.whatwg.org/multipage/server-sent-events
 * ``data`` lines are joined with ``\\n``; an empty line dispatches the event; a block without ``data``
   dispatches nothing but still sets the last event id;
 * ``id`` containing NUL is ignored; an empty ``id`` resets the last event id;
-* ``retry`` is used only when it is all ASCII digits (more than 15 digits, a wait of over 30,000
-  years, is read as :data:`RETRY_CEILING`: Python's ``int()`` refuses very long digit strings);
+* ``retry`` is used only when it is all ASCII digits (a value of more than 15 digits after its leading
+  zeros, a wait of over 30,000 years, is read as :data:`RETRY_CEILING`: Python's ``int()`` refuses
+  very long digit strings);
 * an event not finished by an empty line before the end of the stream is dropped;
 * invalid UTF-8 becomes U+FFFD, wherever the chunk boundaries fall.
 
 Limits: a line longer than ``max_line_bytes`` (default 1 MiB) or an event whose data exceeds
-``max_event_bytes`` (default 16 MiB) raises :class:`~sidechain.errors.ProtocolError`; the decoder then
-stays failed and raises the same error on every later ``feed``.
+``max_event_bytes`` (default 16 MiB; the joined data, as dispatched) raises
+:class:`~sidechain.errors.ProtocolError`; the decoder then stays failed until ``close``, and every
+later ``feed`` raises a new ``ProtocolError`` (same rule, no events) caused by the first.
 
 Speed: whole events with LF line ends (the usual chunk) take a fast path that decodes the UTF-8 once per
 chunk; everything else takes the general line-by-line path, with the same results. Wheels also carry
@@ -98,8 +100,7 @@ class Decoder:
         "_last_id",
         "_max_event",
         "_max_line",
-        "_parts",
-        "_parts_len",
+        "_partial",
         "_skip_lf",
         "_started",
         "_type_cache",
@@ -121,8 +122,9 @@ class Decoder:
         # A chunk no longer than this cannot break either limit once it starts at an event boundary.
         self._fast_max = min(max_line_bytes, max_event_bytes)
         self._comments = comments
-        self._parts: list[bytes] = []  # pieces of the current unfinished line
-        self._parts_len = 0
+        # the current unfinished line: one growing buffer (a list of the chunks that brought it, one
+        # byte each from a trickling server, would hold ~80 bytes per byte and more again to join)
+        self._partial = bytearray()
         self._skip_lf = False  # the previous chunk ended with CR: a leading LF belongs to it
         self._started = False  # BOM handled
         # True at an event boundary: started, not failed, no CR to pair, no partial line or event.
@@ -153,8 +155,7 @@ class Decoder:
 
     def close(self) -> list[Event | Comment]:
         """End of stream: drop any partial line and event; ready the decoder for a new connection."""
-        self._parts.clear()
-        self._parts_len = 0
+        self._partial.clear()
         self._skip_lf = False
         self._started = False
         self._clean = False
@@ -211,14 +212,21 @@ class Decoder:
                     if self._comments:
                         out.append(Comment(value))
                 elif field == "retry" and value.isascii() and value.isdigit():
+                    if len(value) > RETRY_MAX_DIGITS:
+                        value = value.lstrip("0") or "0"
                     self.retry = int(value) if len(value) <= RETRY_MAX_DIGITS else RETRY_CEILING
                 break
         self._id_buffer = self._last_id = id_buffer
         return out
 
     def _feed(self, data: bytes) -> list[Event | Comment]:
-        if self._failed is not None:
-            raise self._failed
+        failed = self._failed
+        if failed is not None:
+            # a new error each time, without the first one's events (already handed over with it)
+            again = ProtocolError(f"the decoder failed earlier: {failed}", rule=failed.rule,
+                                  limit=failed.limit, size=failed.size)
+            again.__cause__ = failed  # set, not ``raise from``: the mypyc build drops a raise's cause
+            raise again
         if not data:
             return []
         if (
@@ -231,7 +239,7 @@ class Decoder:
             # Complete events in the middle of the chunk take the fast path; the partial event before
             # them (if any) and the partial event after them take the general one.
             out: list[Event | Comment] = []
-            if self._parts or self._data or self._etype:
+            if self._partial or self._data or self._etype:
                 j = data.find(b"\n\n") + 2
                 out = self._general(data[:j])
                 data = data[j:]
@@ -253,16 +261,14 @@ class Decoder:
             if data[0] == 10:
                 data = data[1:]
                 if not data:
-                    self._clean = self._started and not (self._parts or self._data or self._etype)
+                    self._clean = self._started and not (self._partial or self._data or self._etype)
                     return []
         if not self._started:
-            if self._parts:
-                data = b"".join(self._parts) + data
-                self._parts.clear()
-                self._parts_len = 0
+            if self._partial:
+                data = bytes(self._partial) + data
+                self._partial.clear()
             if len(data) < 3 and _BOM.startswith(data):
-                self._parts.append(data)
-                self._parts_len = len(data)
+                self._partial += data
                 return []
             self._started = True
             if data.startswith(_BOM):
@@ -271,27 +277,23 @@ class Decoder:
                     self._clean = True
                     return []
         if b"\n" not in data and b"\r" not in data:
-            self._parts.append(data)
-            self._parts_len += len(data)
+            self._partial += data
             self._clean = False
-            if self._parts_len > self._max_line:
-                self._fail_line(self._parts_len, [])
+            if len(self._partial) > self._max_line:
+                self._fail_line(len(self._partial), [])
             return []
-        if self._parts:
-            self._parts.append(data)
-            data = b"".join(self._parts)
-            self._parts.clear()
-            self._parts_len = 0
+        if self._partial:
+            self._partial += data
+            data = bytes(self._partial)
+            self._partial.clear()
         lines = data.splitlines()
         last = data[-1]
         if last == 13:
             self._skip_lf = True
         elif last != 10:
-            tail = lines.pop()
-            self._parts.append(tail)
-            self._parts_len = len(tail)
+            self._partial += lines.pop()
         out = self._process_checked(lines) if len(data) > self._max_line else self._process(lines)
-        self._clean = not (self._skip_lf or self._parts or self._data or self._etype)
+        self._clean = not (self._skip_lf or self._partial or self._data or self._etype)
         return out
 
     def _fail_line(self, size: int, events: list[Event | Comment]) -> None:
@@ -312,9 +314,9 @@ class Decoder:
             if len(line) > limit:
                 events = self._process(lines[:i])
                 self._fail_line(len(line), events)
-        if self._parts_len > limit:
+        if len(self._partial) > limit:
             events = self._process(lines)
-            self._fail_line(self._parts_len, events)
+            self._fail_line(len(self._partial), events)
         return self._process(lines)
 
     def _process(self, lines: list[bytes]) -> list[Event | Comment]:
@@ -349,14 +351,14 @@ class Decoder:
             if value and value[0] == 32:
                 value = value[1:]
             if field == b"data":
-                size += len(value) + 1
-                if size > self._max_event:
+                size += len(value) + 1  # the data so far plus the LF that joins (or ends) it
+                if size - 1 > self._max_event:
                     self._data, self._data_size, self._etype, self._id_buffer = [], 0, b"", id_buffer
                     err = ProtocolError(
-                        f"SSE event data of {size} bytes exceeds max_event_bytes={self._max_event}",
+                        f"SSE event data of {size - 1} bytes exceeds max_event_bytes={self._max_event}",
                         rule="max_event_bytes",
                         limit=self._max_event,
-                        size=size,
+                        size=size - 1,
                         events=out,
                     )
                     self._failed = err
@@ -372,6 +374,8 @@ class Decoder:
                 if self._comments:
                     out.append(Comment(value.decode("utf-8", "replace")))
             elif field == b"retry" and value.isdigit():
+                if len(value) > RETRY_MAX_DIGITS:
+                    value = value.lstrip(b"0") or b"0"
                 self.retry = int(value) if len(value) <= RETRY_MAX_DIGITS else RETRY_CEILING
         self._data = data
         self._data_size = size
@@ -423,15 +427,22 @@ def encode(
         parts.extend("data: " + line if line else "data" for line in _data_lines(data))
     if not parts:
         raise EncodeError("nothing to encode: give data, id, event, retry or a comment")
-    return ("\n".join(parts) + "\n\n").encode("utf-8")
+    try:
+        return ("\n".join(parts) + "\n\n").encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise EncodeError(f"SSE text must be encodable as UTF-8: {exc}") from exc
 
 
 class Encoder:
     """Writes events as SSE bytes. Event names are validated once and cached.
 
     ``encoder.event(data, event=..., id=...)`` is the hot path used by the gateway;
-    ``encoder.encode(Event)`` writes a decoded :class:`Event` back out (round trip).
+    ``encoder.encode(Event)`` writes a decoded :class:`Event` back out (round trip). Text that cannot
+    be UTF-8 (a lone surrogate) raises :class:`EncodeError`.
     """
+
+    #: Event names whose validated line is cached (a stream of ever new names stays bounded).
+    MAX_CACHED_NAMES = 256
 
     __slots__ = ("_names",)
 
@@ -440,6 +451,12 @@ class Encoder:
 
     def event(self, data: str, *, event: str | None = None, id: str | None = None) -> bytes:
         """Encode one event with data; see :func:`encode` for the rules."""
+        try:
+            return self._event(data, event, id)
+        except UnicodeEncodeError as exc:
+            raise EncodeError(f"SSE text must be encodable as UTF-8: {exc}") from exc
+
+    def _event(self, data: str, event: str | None, id: str | None) -> bytes:
         head = b""
         if id is not None:
             _check_token("id", id)
@@ -449,7 +466,8 @@ class Encoder:
             if line is None:
                 _check_token("event name", event)
                 line = b"event: " + event.encode("utf-8") + b"\n"
-                self._names[event] = line
+                if len(self._names) < self.MAX_CACHED_NAMES:
+                    self._names[event] = line
             head += line
         if "\n" in data or "\r" in data:
             body = "\n".join("data: " + ln if ln else "data" for ln in _data_lines(data)).encode("utf-8")
@@ -457,8 +475,9 @@ class Encoder:
         return head + (b"data: " + data.encode("utf-8") if data else b"data") + b"\n\n"
 
     def encode(self, ev: Event) -> bytes:
-        """Encode a decoded :class:`Event`; an empty ``id`` writes no id line (the client keeps its own)."""
-        return self.event(ev.data, event=ev.event, id=ev.id if ev.id else None)
+        """Encode a decoded :class:`Event` so that it decodes to the same event, whatever came before:
+        its id line is always written (a bare ``id`` line when ``ev.id`` is empty, a reset)."""
+        return self.event(ev.data, event=ev.event, id=ev.id)
 
     @staticmethod
     def comment(text: str = "") -> bytes:
