@@ -10,9 +10,11 @@ import threading
 from collections.abc import Sequence
 from pathlib import Path
 
+import aiohttp
 import pytest
 
 from conftest import start_redis, stop_redis
+from gateway_helpers import SSEReader, create_conversation, data, ids, post_message, wait_until
 from sidechain.gateway.eventlog import (
     EventLog,
     MemoryEventLog,
@@ -23,6 +25,7 @@ from sidechain.gateway.eventlog import (
     TurnRecord,
     open_event_log,
 )
+from sidechain.gateway.testing import running_gateway
 
 
 def make(kind: str, path: Path, retention: int = 100, request: pytest.FixtureRequest | None = None
@@ -200,14 +203,14 @@ async def test_redis_unreachable_is_a_clear_error_at_open() -> None:
     assert len(os.listdir("/proc/self/fd")) == before
 
 
-async def test_redis_outage_is_logged_events_still_delivered_then_recovered(
+async def test_redis_outage_holds_writes_back_then_sends_them_in_order(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    """Redis stops while the gateway writes: the failed transaction is logged and its events are
-    delivered anyway (the protocol's rule for a failed write), nothing waits forever; once Redis is
-    back, writes go through again on the same log."""
+    """Redis stops while the gateway writes: the failed transaction is logged and sent again until it
+    goes through; its events are not delivered (nor flush done) before, and nothing later overtakes
+    it. Once Redis is back, everything is written in order."""
     proc, port = start_redis()
-    log = RedisEventLog(f"redis://127.0.0.1:{port}/0?socket_timeout=2", retention=100)
+    log = RedisEventLog(f"redis://127.0.0.1:{port}/0?socket_timeout=1", retention=100, close_timeout=5)
     delivered: list[int] = []
     try:
         await log.open(lambda events: delivered.extend(e.id for e in events))
@@ -217,15 +220,85 @@ async def test_redis_outage_is_logged_events_still_delivered_then_recovered(
         stop_redis(proc)
         with caplog.at_level(logging.ERROR, logger="sidechain.gateway.eventlog"):
             log.append(StoredEvent("c", 2, "t", "{}"))
-            async with asyncio.timeout(30):
-                await log.flush()
-        assert delivered == [1, 2]
+            flushed = asyncio.ensure_future(log.flush())
+            await wait_until(lambda: log.write_failures >= 2, what="a second failed write")
+            log.append(StoredEvent("c", 3, "t", "{}"))
+        assert delivered == [1] and not flushed.done()
         assert "Redis write of 1 operations failed" in caplog.text
         proc, _ = start_redis(port)  # a new, empty server (no persistence) on the same address
-        log.append(StoredEvent("c", 3, "t", "{}"))
+        await asyncio.wait_for(flushed, 10)
         await log.flush()
         assert delivered == [1, 2, 3]
-        assert [e.id for e in await log.read("c", 0, 10)] == [3]
+        assert [e.id for e in await log.read("c", 0, 10)] == [2, 3]
     finally:
         await log.close()
+        stop_redis(proc)
+
+
+async def test_sqlite_failed_commit_is_sent_again_before_anything_else(tmp_path: Path) -> None:
+    """The file locked by another process past busy_timeout: the batch rolls back and is sent again
+    until it commits; meanwhile its events are not delivered and later writes wait behind it, so the
+    store never has a hole and a restart never reuses an id a client saw."""
+    import sqlite3
+
+    path = tmp_path / "log.sqlite3"
+    log = SqliteEventLog(str(path), retention=100, busy_timeout=0.05)
+    delivered: list[int] = []
+    await log.open(lambda events: delivered.extend(e.id for e in events))
+    locker = sqlite3.connect(str(path), isolation_level=None)
+    try:
+        log.create_conversation("c", 0.0)
+        log.append(StoredEvent("c", 1, "t", "{}"))
+        await log.flush()
+        locker.execute("BEGIN EXCLUSIVE")
+        log.append(StoredEvent("c", 2, "t", "{}"))
+        flushed = asyncio.ensure_future(log.flush())
+        await wait_until(lambda: log.write_failures >= 2, what="a second failed write")
+        log.append(StoredEvent("c", 3, "t", "{}"))
+        await wait_until(lambda: log.write_failures >= 3, what="a third failed write")
+        assert delivered == [1] and not flushed.done()
+        locker.execute("COMMIT")
+        await asyncio.wait_for(flushed, 10)
+        await log.flush()
+        assert delivered == [1, 2, 3]
+        assert [e.id for e in await log.read("c", 0, 10)] == [1, 2, 3]
+    finally:
+        locker.close()
+        await log.close()
+
+
+async def test_gateway_on_a_failing_store_holds_events_refuses_writes_and_loses_nothing() -> None:
+    """Redis goes away mid-turn: the turn's next events are held back (never delivered before they are
+    stored), new work is refused with 503 ``store_unavailable`` (nothing taken), a btw still works
+    (answered from memory); once Redis is back the held events go out in order, none lost or twice."""
+    proc, port = start_redis()
+    store = f"redis://127.0.0.1:{port}/0?socket_timeout=1"
+    try:
+        async with aiohttp.ClientSession() as session, \
+                running_gateway(store=store, echo_pace=20, store_timeout=0.3, btw_grace=0) as gw:
+            cid = await create_conversation(session, gw.url)
+            url = f"{gw.url}/v1/conversations/{cid}"
+            async with session.get(f"{url}/events") as resp:
+                reader = SSEReader(resp)
+                await post_message(session, gw.url, cid, "one two three four five six seven eight")
+                seen = await reader.until("message.delta")
+                stop_redis(proc)
+                await wait_until(lambda: gw.gateway.log.failing, what="the store to fail")
+                for path, body in ((f"{url}/messages", {"text": "more", "queue": True}),
+                                   (f"{url}/notes", {"text": "n"}), (f"{gw.url}/v1/conversations", None)):
+                    async with session.post(path, json=body) as r:
+                        assert r.status == 503 and r.headers["Retry-After"] == "1", (path, r.status)
+                        assert (await r.json())["error"]["type"] == "store_unavailable"
+                async with session.post(f"{url}/btw", json={"question": "still there?"}) as r:
+                    assert r.status == 200
+                    btw = await SSEReader(r).rest()
+                assert btw[-1].event == "btw.completed"
+                held = len(gw.gateway.log._pending)
+                assert held > 0 and gw.gateway.metrics.store_unavailable_total == 3
+                proc, _ = start_redis(port)
+                seen += await reader.until("turn.completed")
+        assert ids(seen) == list(range(1, len(seen) + 1))
+        text = "".join(data(e)["delta"] for e in seen if e.event == "message.delta")
+        assert text.endswith("one two three four five six seven eight")
+    finally:
         stop_redis(proc)

@@ -247,11 +247,12 @@ async def get_conversation(request: Request) -> Response:
     gw = _gateway(request)
     conv = await gw.conversation(request.path_params["cid"])
     snapshot = conv.to_json()
-    await gw.log.flush()  # the events up to its last_event_id are durable (and resumable from) first
+    await gw.durable()  # the events up to its last_event_id are durable (and resumable from) first
     return JSONResponse(snapshot)
 
 
-async def _conversation_and_body(request: Request, type_: type[T]) -> tuple[Conversation, T]:
+async def _conversation_and_body(request: Request, type_: type[T], *, writes: bool = True
+                                 ) -> tuple[Conversation, T]:
     """The path's conversation and the decoded body. An unknown conversation is a 404 before the body
     is read; the lookup is repeated after it, because a slow body can outlast the conversation's stay
     in memory (eviction), and work must go to the object that is loaded now."""
@@ -260,6 +261,8 @@ async def _conversation_and_body(request: Request, type_: type[T]) -> tuple[Conv
     body = await read_json(request, type_, gw.config.max_body_bytes)
     if gw.shutting_down:  # a conversation loaded during shutdown would take work that outlives it
         raise ServiceUnavailable("shutting_down", "the gateway is shutting down; retry later")
+    if writes:  # a btw is answered from memory: it works while the store fails
+        gw.refuse_if_store_failing()
     return await gw.conversation(request.path_params["cid"]), body
 
 
@@ -269,7 +272,7 @@ async def post_message(request: Request) -> Response:
     _text_limit(body.text, gw.config.max_message_chars, "text", "message_too_long")
     queued = conv.busy
     turn = conv.post_message(body.text, queue=body.queue)
-    await gw.log.flush()
+    await gw.durable()
     return JSONResponse({"turn_id": turn.id, "queued": queued}, status_code=202)
 
 
@@ -278,7 +281,7 @@ async def post_note(request: Request) -> Response:
     conv, body = await _conversation_and_body(request, NoteBody)
     _text_limit(body.text, gw.config.max_message_chars, "text", "message_too_long")
     note = conv.add_note(body.text)
-    await gw.log.flush()
+    await gw.durable()
     return JSONResponse({"note_id": note.id}, status_code=201)
 
 
@@ -286,7 +289,7 @@ async def cancel_turn(request: Request) -> Response:
     gw = _gateway(request)
     conv = await gw.conversation(request.path_params["cid"])
     turn = await conv.cancel_turn(request.path_params["turn_id"])
-    await gw.log.flush()
+    await gw.durable()
     return JSONResponse({"turn_id": turn.id, "state": turn.state}, status_code=202)
 
 
@@ -316,7 +319,7 @@ async def events(request: Request) -> Response:
 
 async def post_btw(request: Request) -> Response:
     gw = _gateway(request)
-    conv, body = await _conversation_and_body(request, BtwBody)
+    conv, body = await _conversation_and_body(request, BtwBody, writes=False)
     _text_limit(body.question, gw.config.max_question_chars, "question", "question_too_long")
     key = request.headers.get("idempotency-key")
     if key is not None and (not key.strip() or len(key) > 255):

@@ -82,6 +82,9 @@ class GatewayConfig:
     conversation_idle_evict: float = 900.0
     #: Seconds to wait for open streams to take their ``gateway.shutdown`` event on shutdown.
     shutdown_grace: float = 5.0
+    #: Seconds a request waits for the store to confirm its writes (a failing store is retried until
+    #: it works) before it is answered 503 ``store_unavailable``.
+    store_timeout: float = 10.0
     #: Upstream (openai) connect timeout, seconds.
     upstream_connect_timeout: float = 10.0
     #: Upstream (openai) time allowed between two received events, seconds.
@@ -125,6 +128,7 @@ class GatewayConfig:
             "max_queued_turns": self.max_queued_turns,
             "slow_consumer_grace": self.slow_consumer_grace,
             "shutdown_grace": self.shutdown_grace,
+            "store_timeout": self.store_timeout,
             "conversation_idle_evict": self.conversation_idle_evict,
         }.items():
             if value < 0:

@@ -67,6 +67,6 @@ class TooManyRequests(GatewayError):
 
 
 class ServiceUnavailable(GatewayError):
-    """503: the gateway is shutting down."""
+    """503: the gateway is shutting down, or its store cannot confirm writes right now."""
 
     status = 503

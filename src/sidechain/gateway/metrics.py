@@ -19,6 +19,7 @@ _HELP: dict[str, tuple[str, str]] = {
         "counter",
         "Model generations that failed upstream (HTTP error, drop, truncation).",
     ),
+    "store_unavailable_total": ("counter", "Requests answered 503 store_unavailable (the store failed)."),
     "http_requests_total": ("counter", "HTTP requests answered."),
 }
 
@@ -43,6 +44,7 @@ class Metrics:
     client_disconnects_total: int
     slow_consumers_total: int
     upstream_errors_total: int
+    store_unavailable_total: int
     http_requests_total: int
 
     def snapshot(self) -> dict[str, int]:

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
 import secrets
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from types import TracebackType
 
 from ..sse import Encoder
@@ -111,7 +112,10 @@ class Gateway:
             await asyncio.gather(*(c.close("gateway_shutdown") for c in convs))
             await self.btws.cancel_all("gateway_shutdown")
             if self._started:
-                await self.log.flush()
+                try:
+                    await self.durable()
+                except ServiceUnavailable:
+                    log.error("shutdown: the store did not confirm the last writes in time")
             deadline = asyncio.get_running_loop().time() + self.config.slow_consumer_grace
             for conv in convs:
                 for sub in conv.subscribers:
@@ -195,14 +199,43 @@ class Gateway:
         """Create a conversation; returns once it is durable."""
         if self.shutting_down:
             raise ServiceUnavailable("shutting_down", "the gateway is shutting down")
+        self.refuse_if_store_failing()
         cid = new_conversation_id()
         now = time.time()
         self.log.create_conversation(cid, now)
         conv = Conversation(self, ConversationRecord(cid, now, [], 0))
         self._convs[cid] = conv
         self.metrics.conversations_loaded = len(self._convs)
-        await self.log.flush()
+        await self.durable()
         return conv
+
+    def refuse_if_store_failing(self) -> None:
+        """Raise ServiceUnavailable ``store_unavailable`` while the store's writes fail: new work is
+        refused up front (nothing taken) rather than taken and left unconfirmed."""
+        if self.log.failing:
+            self.metrics.store_unavailable_total += 1
+            raise ServiceUnavailable("store_unavailable", "the event store is failing; nothing was taken; "
+                                     "retry later", headers={"Retry-After": "1"})
+
+    async def durable(self) -> None:
+        """Wait until everything written so far is durable (and delivered). Raises ServiceUnavailable
+        ``store_unavailable`` once ``store_timeout`` passed (the store keeps retrying meanwhile)."""
+        async with self._store_bound():
+            await self.log.flush()
+
+    @contextlib.asynccontextmanager
+    async def _store_bound(self) -> AsyncIterator[None]:
+        limit = self.config.store_timeout
+        try:
+            async with asyncio.timeout(limit):
+                yield
+        except TimeoutError:
+            self.metrics.store_unavailable_total += 1
+            raise ServiceUnavailable(
+                "store_unavailable", f"the event store did not confirm writes within {limit:g}s (what this "
+                "request did was taken and is written once the store works again)",
+                headers={"Retry-After": "1"},
+            ) from None
 
     async def conversation(self, conversation_id: str) -> Conversation:
         """The conversation, loaded from the store if needed; ``NotFound`` if unknown."""
@@ -236,7 +269,8 @@ class Gateway:
     async def _load(self, conversation_id: str) -> Conversation | None:
         if not _CONVERSATION_ID.match(conversation_id):
             return None
-        record = await self.log.load_conversation(conversation_id)
+        async with self._store_bound():
+            record = await self.log.load_conversation(conversation_id)
         existing = self._convs.get(conversation_id)
         if existing is not None:  # loaded concurrently
             return existing

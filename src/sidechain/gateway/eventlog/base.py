@@ -57,6 +57,9 @@ class TurnRecord(msgspec.Struct, frozen=True):
     error_type: str | None = None
 
 
+#: Longest wait, in seconds, before a durable store sends a failed batch again.
+RETRY_MAX_DELAY = 2.0
+
 #: Completed exchanges a btw thread keeps as context, in memory and in a store (the oldest go first).
 MAX_THREAD_EXCHANGES = 50
 
@@ -90,14 +93,20 @@ class EventLog(Protocol):
     """A per-conversation append-only log of events plus the conversation and turn records.
 
     * ``create_conversation``, ``save_turn`` and ``append`` enqueue and return at once; they never raise
-      for I/O reasons (a failed write is logged and its events are still delivered, flagged in logs).
-    * ``flush`` returns once everything enqueued before the call is durable and delivered to the sink.
+      for I/O reasons. A durable store sends a failed write again, in order, until it succeeds; its
+      events reach the sink only then, and nothing enqueued after it is written before it.
+    * ``flush`` returns once everything enqueued before the call is durable and delivered to the sink
+      (it waits while the store fails: callers bound it).
     * At most ``retention`` events are kept per conversation: the oldest are trimmed first.
     * ``close`` flushes, then releases every resource (threads, files). It is idempotent.
     """
 
     #: True when events survive a process restart.
     durable: bool
+    @property
+    def failing(self) -> bool:
+        """True while the store's writes fail (a durable store sends them again until they succeed)."""
+        ...
     #: Events kept per conversation.
     retention: int
 

@@ -34,6 +34,7 @@ class MemoryEventLog:
     """An :class:`~.base.EventLog` in process memory. Events are "durable" (delivered) on append."""
 
     durable = False
+    failing = False
 
     def __init__(self, *, retention: int) -> None:
         self.retention = retention

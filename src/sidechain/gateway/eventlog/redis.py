@@ -19,8 +19,11 @@ Keys (``P`` is the prefix, ``sidechain`` unless the URL says ``?prefix=``; ``C``
   completed exchange (JSON), the newest ``MAX_THREAD_EXCHANGES`` only.
 
 A failed transaction (Redis down or restarting; commands time out after 5 s unless the URL sets
-``socket_timeout``) is logged and its events are delivered anyway, as with sqlite: the stream goes
-on, and what it delivered meanwhile is missing from the store.
+``socket_timeout``) is sent again, first, with backoff, until it succeeds: nothing after it is written
+before it and none of its events is delivered before it; ``flush`` waits meanwhile (the gateway bounds
+those waits and answers 503 ``store_unavailable``). A transaction whose reply was lost may have been
+applied: sent again, its stream entries are already there, which is then not an error. ``close`` gives
+up after ``close_timeout`` seconds, logging what was never written.
 
 One gateway per prefix: two gateways writing one conversation would assign the same ids. A
 transaction spans several conversations, so the store needs one Redis (or its primary), not a cluster.
@@ -37,6 +40,7 @@ import msgspec
 
 from .base import (
     MAX_THREAD_EXCHANGES,
+    RETRY_MAX_DELAY,
     ConversationRecord,
     EventSink,
     StoredEvent,
@@ -71,6 +75,9 @@ redis.call('ZADD', KEYS[2], n, ARGV[1])
 return n
 """
 
+#: Redis's answer to an XADD of an id the stream already has (a retried transaction that was applied).
+_ALREADY_ADDED = "equal or smaller than the target stream top item"
+
 _encode = msgspec.json.Encoder().encode
 _decode_turn = msgspec.json.Decoder(TurnRecord).decode
 _decode_pair = msgspec.json.Decoder(tuple[str, str]).decode
@@ -98,9 +105,14 @@ class RedisEventLog:
 
     durable = True
 
-    def __init__(self, spec: str, *, retention: int, max_batch: int = 4096) -> None:
+    def __init__(self, spec: str, *, retention: int, max_batch: int = 4096, close_timeout: float = 10.0
+                 ) -> None:
         self.url, self.prefix = redis_target(spec)
         self.retention = retention
+        self.close_timeout = close_timeout
+        #: Failed transactions so far (each batch is sent again until it succeeds).
+        self.write_failures = 0
+        self._streak = 0  # failures in a row of the batch at the front
         self._max_batch = max_batch
         self._pending: list[_Op] = []
         self._enqueued = 0
@@ -164,7 +176,10 @@ class RedisEventLog:
         if self._closed:
             return
         try:
-            await self.flush()
+            async with asyncio.timeout(self.close_timeout):
+                await self.flush()
+        except TimeoutError:
+            log.error("Redis store still failing at close: %d operations never written", len(self._pending))
         finally:
             self._closed = True
             writer, self._writer = self._writer, None
@@ -179,6 +194,11 @@ class RedisEventLog:
                     fut.set_result(None)
             self._waiters.clear()
             self._sink = None
+
+    @property
+    def failing(self) -> bool:
+        """Whether the batch at the front failed and waits to be sent again."""
+        return self._streak > 0
 
     # -- writes (enqueue only) -----------------------------------------------------------------------
 
@@ -281,18 +301,27 @@ class RedisEventLog:
     async def _write_loop(self) -> None:
         try:
             while self._pending:
-                batch = self._pending[: self._max_batch]
-                del self._pending[: len(batch)]
-                error: BaseException | None = None
+                batch = self._pending[: self._max_batch]  # stays first in line until it is written
                 try:
-                    await self._write(batch)
-                except Exception as exc:  # the connection, the server: logged, events delivered anyway
-                    error = exc
-                self._on_committed(batch, error)
+                    await self._write(batch, again=self._streak > 0)
+                except Exception as exc:  # the connection, the server: the same batch is sent again
+                    self.write_failures += 1
+                    self._streak += 1
+                    delay = min(RETRY_MAX_DELAY, 0.05 * 2 ** min(self._streak - 1, 10))
+                    if self._streak == 1 or self._streak % 20 == 0:
+                        log.error("Redis write of %d operations failed (%d in a row); sending it again in "
+                                  "%.2fs", len(batch), self._streak, delay, exc_info=exc)
+                    await asyncio.sleep(delay)
+                    continue
+                if self._streak:
+                    log.warning("Redis store writes again after %d failed transactions", self._streak)
+                    self._streak = 0
+                del self._pending[: len(batch)]
+                self._on_committed(batch)
         finally:
             self._writer = None
 
-    async def _write(self, batch: list[_Op]) -> None:
+    async def _write(self, batch: list[_Op], *, again: bool) -> None:
         client = self._client()
         newest: dict[str, int] = {}
         async with client.pipeline(transaction=True) as pipe:
@@ -333,14 +362,12 @@ class RedisEventLog:
                 if last > self.retention:
                     pipe.xtrim(self._events(cid), minid=f"{last - self.retention + 1}-0", approximate=False)
             results = await pipe.execute(raise_on_error=False)
-        failed = [r for r in results if isinstance(r, Exception)]
+        failed = [r for r in results if isinstance(r, Exception)
+                  and not (again and _ALREADY_ADDED in str(r))]
         if failed:
             raise RuntimeError(f"{len(failed)} of {len(results)} Redis commands failed; first: {failed[0]!r}")
 
-    def _on_committed(self, batch: list[_Op], error: BaseException | None) -> None:
-        if error is not None:
-            log.error("Redis write of %d operations failed; their events are delivered anyway", len(batch),
-                      exc_info=error)
+    def _on_committed(self, batch: list[_Op]) -> None:
         self._committed += len(batch)
         events = [op[1] for op in batch if op[0] == "event"]
         if events and self._sink is not None:

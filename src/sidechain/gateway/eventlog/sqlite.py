@@ -5,6 +5,12 @@ previous batch was committing, up to ``max_batch`` operations) go to a single de
 commits each in one transaction (WAL, ``synchronous=NORMAL``: durable across a killed process).
 Only after the commit are the batch's events handed to the sink, so a client never
 sees an event that a restart could forget, and ids continue after a restart without a gap or reuse.
+
+A batch that fails to commit (the file locked past ``busy_timeout``, the disk full) is rolled back and
+sent again, first, with backoff up to :data:`~.base.RETRY_MAX_DELAY`, until it commits: nothing after it
+commits before it, none of its events is delivered before it, and ``flush`` waits meanwhile (the
+gateway bounds those waits and answers 503 ``store_unavailable``). ``close`` gives up after
+``close_timeout`` seconds, logging what was never written.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from typing import Any, TypeVar
 
 from .base import (
     MAX_THREAD_EXCHANGES,
+    RETRY_MAX_DELAY,
     ConversationRecord,
     EventSink,
     StoredEvent,
@@ -90,9 +97,16 @@ class SqliteEventLog:
 
     durable = True
 
-    def __init__(self, path: str, *, retention: int, max_batch: int = 4096) -> None:
+    def __init__(self, path: str, *, retention: int, max_batch: int = 4096, busy_timeout: float = 5.0,
+                 close_timeout: float = 10.0) -> None:
         self.path = path
         self.retention = retention
+        self.busy_timeout = busy_timeout
+        self.close_timeout = close_timeout
+        #: Failed commits so far (each batch is sent again until it commits).
+        self.write_failures = 0
+        self._streak = 0  # failures in a row of the batch at the front
+        self._retry: asyncio.TimerHandle | None = None
         self._max_batch = max_batch
         self._pending: list[_Op] = []
         self._enqueued = 0
@@ -129,9 +143,15 @@ class SqliteEventLog:
         if self._closed:
             return
         try:
-            await self.flush()
+            async with asyncio.timeout(self.close_timeout):
+                await self.flush()
+        except TimeoutError:
+            log.error("sqlite store still failing at close: %d operations never written", len(self._pending))
         finally:
             self._closed = True
+            if self._retry is not None:
+                self._retry.cancel()
+                self._retry = None
             executor, self._executor = self._executor, None
             if executor is not None:
                 conn, self._conn = self._conn, None
@@ -145,6 +165,11 @@ class SqliteEventLog:
                     fut.set_result(None)
             self._waiters.clear()
             self._sink = None
+
+    @property
+    def failing(self) -> bool:
+        """Whether the batch at the front failed and waits to be sent again."""
+        return self._streak > 0
 
     # -- writes (enqueue only) ---------------------------------------------------------------------
 
@@ -207,6 +232,7 @@ class SqliteEventLog:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
     def _start_batch(self) -> None:
+        self._retry = None
         executor, loop = self._executor, self._loop
         if not self._pending or executor is None or loop is None:
             self._busy = False
@@ -225,11 +251,20 @@ class SqliteEventLog:
     def _on_committed(self, batch: list[_Op], f: Future[None]) -> None:
         exc = f.exception()
         if exc is not None:
-            log.error(
-                "sqlite write of %d operations failed; their events are delivered anyway",
-                len(batch),
-                exc_info=exc,
-            )
+            self.write_failures += 1
+            self._streak += 1
+            if self._executor is None or self._loop is None:  # closed meanwhile: given up
+                return
+            delay = min(RETRY_MAX_DELAY, 0.05 * 2 ** min(self._streak - 1, 10))
+            if self._streak == 1 or self._streak % 20 == 0:
+                log.error("sqlite write of %d operations failed (%d in a row); sending it again in %.2fs",
+                          len(batch), self._streak, delay, exc_info=exc)
+            self._pending[:0] = batch  # first again: nothing commits before it
+            self._retry = self._loop.call_later(delay, self._start_batch)
+            return
+        if self._streak:
+            log.warning("sqlite store writes again after %d failed commits", self._streak)
+            self._streak = 0
         self._committed += len(batch)
         events = [op[1] for op in batch if op[0] == "event"]
         if events and self._sink is not None:
@@ -255,7 +290,7 @@ class SqliteEventLog:
         try:
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=NORMAL")
-            conn.execute("PRAGMA busy_timeout=5000")
+            conn.execute(f"PRAGMA busy_timeout={int(self.busy_timeout * 1000)}")
             conn.executescript(_SCHEMA)
         except BaseException:
             conn.close()
