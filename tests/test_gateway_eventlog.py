@@ -25,6 +25,7 @@ from sidechain.gateway.eventlog import (
     TurnRecord,
     open_event_log,
 )
+from sidechain.gateway.eventlog.sqlite import StoreInUse
 from sidechain.gateway.testing import running_gateway
 
 
@@ -302,3 +303,20 @@ async def test_gateway_on_a_failing_store_holds_events_refuses_writes_and_loses_
         assert text.endswith("one two three four five six seven eight")
     finally:
         stop_redis(proc)
+
+
+async def test_sqlite_store_is_one_gateways_at_a_time(tmp_path: Path) -> None:
+    path = str(tmp_path / "log.sqlite3")
+    first = SqliteEventLog(path, retention=10)
+    await first.open(lambda events: None)
+    try:
+        second = SqliteEventLog(path, retention=10)
+        before = len(os.listdir("/proc/self/fd"))
+        with pytest.raises(StoreInUse, match="in use by another gateway"):
+            await second.open(lambda events: None)
+        assert len(os.listdir("/proc/self/fd")) == before
+    finally:
+        await first.close()
+    again = SqliteEventLog(path, retention=10)  # free once the first one closed
+    await again.open(lambda events: None)
+    await again.close()

@@ -122,3 +122,22 @@ async def test_process_with_token(session: aiohttp.ClientSession) -> None:
             assert r.status == 401
         await create_conversation(session, gp.url, headers=gp.headers())
         assert "tok-en" not in gp.output()  # a given token is never printed
+
+
+async def test_a_second_gateway_on_the_same_store_does_not_start_nor_touch_it(
+    session: aiohttp.ClientSession,
+) -> None:
+    """A second ``serve`` on a store in use exits with a clear error before it recovers anything: the
+    first gateway's running turn is not failed under it and ends normally."""
+    async with GatewayProcess("--echo-pace", "40", "--no-access-log") as first:
+        cid = await create_conversation(session, first.url)
+        async with session.get(f"{first.url}/v1/conversations/{cid}/events") as resp:
+            reader = SSEReader(resp)
+            turn = await post_message(session, first.url, cid, " ".join(f"w{i}" for i in range(20)))
+            await reader.until("message.delta")
+            with pytest.raises(RuntimeError) as refused:  # start() saw the process exit first
+                async with GatewayProcess("--no-access-log", store=first.store):
+                    pass
+            assert "in use by another gateway" in str(refused.value)
+            events = await reader.until("turn.completed", "turn.failed")
+        assert events[-1].event == "turn.completed" and data(events[-1])["turn_id"] == turn["turn_id"]

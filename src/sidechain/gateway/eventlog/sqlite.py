@@ -16,6 +16,7 @@ gateway bounds those waits and answers 503 ``store_unavailable``). ``close`` giv
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import logging
 import os
 import sqlite3
@@ -34,7 +35,11 @@ from .base import (
     TurnState,
 )
 
-__all__ = ["SqliteEventLog"]
+__all__ = ["SqliteEventLog", "StoreInUse"]
+
+
+class StoreInUse(RuntimeError):
+    """Another gateway process has the store open."""
 
 log = logging.getLogger("sidechain.gateway.eventlog")
 
@@ -116,6 +121,7 @@ class SqliteEventLog:
         self._closed = False
         self._sink: EventSink | None = None
         self._conn: sqlite3.Connection | None = None
+        self._lock: int | None = None  # the fd holding the store's lock file
         self._executor: ThreadPoolExecutor | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -154,9 +160,7 @@ class SqliteEventLog:
                 self._retry = None
             executor, self._executor = self._executor, None
             if executor is not None:
-                conn, self._conn = self._conn, None
-                if conn is not None:
-                    executor.submit(conn.close)
+                executor.submit(self._close_sync)
                 await asyncio.shield(
                     asyncio.get_running_loop().run_in_executor(None, executor.shutdown, True)
                 )
@@ -286,7 +290,24 @@ class SqliteEventLog:
     def _open_sync(self) -> None:
         directory = os.path.dirname(os.path.abspath(self.path))
         os.makedirs(directory, exist_ok=True)
-        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        # One gateway per file, enforced: a second one would recover (fail) the first one's running
+        # turns and write ids it also writes. The lock goes with the process, a killed one included.
+        lock_path = self.path + ".lock"
+        lock = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(lock)
+            raise StoreInUse(f"the store {self.path} is in use by another gateway (it holds {lock_path})"
+                             ) from None
+        except BaseException:
+            os.close(lock)
+            raise
+        try:
+            conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        except BaseException:
+            os.close(lock)
+            raise
         try:
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=NORMAL")
@@ -294,8 +315,18 @@ class SqliteEventLog:
             conn.executescript(_SCHEMA)
         except BaseException:
             conn.close()
+            os.close(lock)
             raise
         self._conn = conn
+        self._lock = lock
+
+    def _close_sync(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.close()
+        lock, self._lock = self._lock, None
+        if lock is not None:
+            os.close(lock)  # releases the flock
 
     def _write_sync(self, batch: list[_Op]) -> None:
         conn = self._conn
