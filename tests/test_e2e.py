@@ -213,3 +213,26 @@ async def test_ask_gives_up_when_the_gateway_stays_down() -> None:
         assert done, "ask() still waiting 20 s after the gateway died"
         with pytest.raises(ConnectError):
             asking.result()
+
+
+async def test_ask_cut_short_cancels_its_turn_and_a_closed_btw_answer_says_so() -> None:
+    """ask() bounded with asyncio.timeout: the turn it stopped waiting for is cancelled on the gateway,
+    so the next ask() is not 409 turn_active. A BtwAnswer left before it completed refuses to be read
+    (it yielded nothing, silently) or entered again."""
+    async with running_gateway(echo_pace=20) as gw:
+        conv = await Conversation.create(gw.url)
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(0.3):
+                await conv.ask("one two three four five six seven eight nine ten eleven twelve")
+        history = await conv.history()
+        assert history["active_turn"] is None
+        assert "[offline" in await conv.ask("short")
+        answer = conv.btw("one two three four five six seven eight nine")
+        async with answer:
+            first = await anext(answer)
+        with pytest.raises(RuntimeError, match="closed before it completed"):
+            await anext(answer)
+        assert answer.text == first and not answer.completed
+        with pytest.raises(RuntimeError, match="used once"):
+            async with answer:
+                pass

@@ -67,6 +67,7 @@ class BtwAnswer:
         self._final_text: str | None = None
         self._ctx: StreamContext | None = None
         self._events: EventStream | None = None
+        self._used = False  # entered once: an answer is one request
 
     @property
     def text(self) -> str:
@@ -79,6 +80,9 @@ class BtwAnswer:
         return self._events.attempts if self._events is not None else 0
 
     async def __aenter__(self) -> BtwAnswer:
+        if self._used:
+            raise RuntimeError("a BtwAnswer is used once: ask again with send_message()")
+        self._used = True
         body: dict[str, Any] = {"question": self.question}
         if self.thread_id:
             body["thread_id"] = self.thread_id
@@ -101,6 +105,8 @@ class BtwAnswer:
             raise RuntimeError("use `async with` before iterating a BtwAnswer")
         if self.completed:
             raise StopAsyncIteration
+        if self._ctx is None:  # its `async with` ended before the answer did: what is left is gone
+            raise RuntimeError("this BtwAnswer was closed before it completed (text holds what came)")
         async for event in events:
             kind = event.event
             if kind == "btw.delta":

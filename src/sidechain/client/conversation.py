@@ -14,10 +14,11 @@ close.
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 from urllib.parse import quote
 
-from ..errors import ProtocolError, RemoteError
+from ..errors import ProtocolError, RemoteError, SidechainError
 from .btw import BtwAnswer, BtwClient, decode_payload
 from .events import EventStreamClient
 from .http import GatewayHTTPClient
@@ -29,13 +30,15 @@ __all__ = ["Conversation"]
 class Conversation:
     """One conversation on a gateway: send messages, follow events, ask btw questions."""
 
-    def __init__(self, gateway: str | GatewayHTTPClient, conversation_id: str, *, token: str | None = None
-                 ) -> None:
+    def __init__(self, gateway: str | GatewayHTTPClient, conversation_id: str, *, token: str | None = None,
+                 cancel_timeout: float = 2.0) -> None:
         if not isinstance(gateway, GatewayHTTPClient):
             gateway = GatewayHTTPClient(gateway, token=token)
         self.http = gateway
         self.id = conversation_id
-        self._btw = BtwClient(self.http)
+        #: Seconds a best-effort cancel (of a turn :meth:`ask` stopped waiting for, of a btw) may take.
+        self.cancel_timeout = cancel_timeout
+        self._btw = BtwClient(self.http, cancel_timeout=cancel_timeout)
         self._path = f"/v1/conversations/{quote(conversation_id, safe='')}"
         self._last_answer: BtwAnswer | None = None
         self.last_turn_id: str | None = None
@@ -120,26 +123,45 @@ class Conversation:
 
         Raises :class:`RemoteError` if the turn fails, and the connection's error once the event stream
         failed ``max_reconnects`` times in a row: a gateway that restarts is waited for, one that stays
-        down is not waited for forever. Bound the whole wait with ``asyncio.timeout(...)``.
+        down is not waited for forever. Bound the whole wait with ``asyncio.timeout(...)``: if the wait
+        ends before the turn does (cancelled, timed out, the stream failed), the turn is cancelled on
+        the gateway (best effort, within ``cancel_timeout`` seconds), so the conversation is free for
+        the next message.
         """
         retry = RetryPolicy(max_attempts=max_reconnects, base_delay=0.2, max_delay=5.0)
         async with self.events(initial_reconnect_delay=0.2, max_reconnect_delay=5.0, retry=retry) as events:
             turn_id = await self.send(text)
-            parts: list[str] = []
-            async for event in events:
-                if not event.event.startswith(("message.", "turn.")):
-                    continue
-                data = decode_payload(event)
-                if data.get("turn_id") != turn_id:
-                    continue
-                if event.event == "message.delta":
-                    parts.append(str(data.get("delta", "")))
-                elif event.event == "message.completed" and isinstance(data.get("text"), str):
-                    parts = [data["text"]]
-                elif event.event == "turn.completed":
-                    return "".join(parts)
-                elif event.event == "turn.failed":
-                    err = data.get("error") or {}
-                    raise RemoteError(str(err.get("type", "turn_failed")), str(err.get("message", "")),
-                                      data=data)
+            try:
+                return await self._answer(events, turn_id)
+            except RemoteError:
+                raise  # the turn ended (failed): nothing to stop
+            except BaseException:
+                await self._stop_turn(turn_id)
+                raise
+
+    async def _stop_turn(self, turn_id: str) -> None:
+        """Best-effort cancel of a turn whose answer is no longer awaited; never raises."""
+        try:
+            async with asyncio.timeout(self.cancel_timeout):
+                await self.cancel_turn(turn_id)
+        except (SidechainError, TimeoutError):
+            pass  # finished meanwhile (409), or the gateway is unreachable: nothing more to do
+
+    async def _answer(self, events: EventStreamClient, turn_id: str) -> str:
+        parts: list[str] = []
+        async for event in events:
+            if not event.event.startswith(("message.", "turn.")):
+                continue
+            data = decode_payload(event)
+            if data.get("turn_id") != turn_id:
+                continue
+            if event.event == "message.delta":
+                parts.append(str(data.get("delta", "")))
+            elif event.event == "message.completed" and isinstance(data.get("text"), str):
+                parts = [data["text"]]
+            elif event.event == "turn.completed":
+                return "".join(parts)
+            elif event.event == "turn.failed":
+                err = data.get("error") or {}
+                raise RemoteError(str(err.get("type", "turn_failed")), str(err.get("message", "")), data=data)
         raise ProtocolError("the event stream ended before the turn did", rule="terminal")
