@@ -414,9 +414,10 @@ class GatewayHTTPClient:
     the client needs no closing and can be shared freely between tasks.
 
     Deadlines (seconds, ``None`` = none): ``connect_timeout``; ``read_timeout`` between bytes (raises
-    :class:`ReadTimeout`); ``idle_timeout`` between events (comments and keepalives do not reset it;
-    only time the consumer spends waiting for the next event counts, not time it spends on one;
-    :class:`IdleTimeout`); ``total_timeout`` for the whole call including retries (:class:`TotalTimeout`).
+    :class:`ReadTimeout`); ``idle_timeout`` between events, and from sending the request to its
+    headers (comments and keepalives do not reset it; only time the consumer spends waiting for the
+    next event counts, not time it spends on one; :class:`IdleTimeout`); ``total_timeout`` for the
+    whole call including retries (:class:`TotalTimeout`).
     """
 
     def __init__(
