@@ -21,11 +21,11 @@ from sidechain.gateway.eventlog import (
     RedisEventLog,
     SqliteEventLog,
     StoredEvent,
+    StoreInUse,
     ThreadExchange,
     TurnRecord,
     open_event_log,
 )
-from sidechain.gateway.eventlog.sqlite import StoreInUse
 from sidechain.gateway.testing import running_gateway
 
 
@@ -320,3 +320,35 @@ async def test_sqlite_store_is_one_gateways_at_a_time(tmp_path: Path) -> None:
     again = SqliteEventLog(path, retention=10)  # free once the first one closed
     await again.open(lambda events: None)
     await again.close()
+
+
+async def test_redis_prefix_is_one_gateways_at_a_time(redis_store: str) -> None:
+    """A live gateway's claim keeps a second one out; one of a process that is gone (killed, on this
+    host) is taken over; the claim is given back on close."""
+    import json
+    import sys
+
+    import redis.asyncio as aioredis
+
+    first = RedisEventLog(redis_store, retention=10)
+    await first.open(lambda events: None)
+    try:
+        with pytest.raises(StoreInUse, match="in use by another gateway"):
+            await RedisEventLog(redis_store, retention=10).open(lambda events: None)
+    finally:
+        await first.close()
+    raw = aioredis.Redis.from_url(first.url, decode_responses=True)
+    try:
+        assert await raw.get(f"{first.prefix}:owner") is None  # given back
+        gone = await asyncio.create_subprocess_exec(sys.executable, "-c", "pass")
+        await gone.wait()  # a pid of this host that no longer runs
+        await raw.set(f"{first.prefix}:owner", json.dumps({"host": socket.gethostname(),
+                                                           "pid": gone.pid, "token": "x"}))
+        taker = RedisEventLog(redis_store, retention=10)
+        await taker.open(lambda events: None)
+        await taker.close()
+        await raw.set(f"{first.prefix}:owner", json.dumps({"host": "elsewhere", "pid": 1, "token": "y"}))
+        with pytest.raises(StoreInUse, match="elsewhere"):
+            await RedisEventLog(redis_store, retention=10).open(lambda events: None)
+    finally:
+        await raw.aclose()

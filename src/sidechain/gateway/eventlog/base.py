@@ -17,6 +17,7 @@ __all__ = [
     "ConversationRecord",
     "EventLog",
     "EventSink",
+    "StoreInUse",
     "StoredEvent",
     "TurnRecord",
     "TurnState",
@@ -55,6 +56,10 @@ class TurnRecord(msgspec.Struct, frozen=True):
     state: str
     assistant_text: str | None = None
     error_type: str | None = None
+
+
+class StoreInUse(RuntimeError):
+    """Another gateway process has the store open (a store takes one gateway at a time)."""
 
 
 #: Longest wait, in seconds, before a durable store sends a failed batch again.

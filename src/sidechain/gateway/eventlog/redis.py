@@ -25,14 +25,20 @@ those waits and answers 503 ``store_unavailable``). A transaction whose reply wa
 applied: sent again, its stream entries are already there, which is then not an error. ``close`` gives
 up after ``close_timeout`` seconds, logging what was never written.
 
-One gateway per prefix: two gateways writing one conversation would assign the same ids. A
-transaction spans several conversations, so the store needs one Redis (or its primary), not a cluster.
+One gateway per prefix, enforced: a gateway claims ``P:owner`` (its host, pid and a random token) for
+:data:`CLAIM_TTL` seconds and renews it while open; another gateway on the prefix gets
+:class:`~.base.StoreInUse`, unless the claim is from a process of the same host that no longer exists
+(a killed gateway restarting). A transaction spans several conversations, so the store needs one
+Redis (or its primary), not a cluster.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import secrets
+import socket
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
@@ -44,6 +50,7 @@ from .base import (
     ConversationRecord,
     EventSink,
     StoredEvent,
+    StoreInUse,
     ThreadExchange,
     TurnRecord,
     TurnState,
@@ -75,12 +82,51 @@ redis.call('ZADD', KEYS[2], n, ARGV[1])
 return n
 """
 
+#: Seconds a gateway's claim on a prefix lasts unless renewed (it is renewed every third of that).
+CLAIM_TTL = 15.0
+
+# Replace the claim only if it still is the one that was read (compare and set).
+_TAKE_OVER = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+  return 1
+end
+return 0
+"""
+# Renew, or give back, the claim only while it is ours.
+_RENEW = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+return 0
+"""
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
 #: Redis's answer to an XADD of an id the stream already has (a retried transaction that was applied).
 _ALREADY_ADDED = "equal or smaller than the target stream top item"
 
 _encode = msgspec.json.Encoder().encode
 _decode_turn = msgspec.json.Decoder(TurnRecord).decode
 _decode_pair = msgspec.json.Decoder(tuple[str, str]).decode
+
+
+def _dead_local_process(claim: str) -> bool:
+    """Whether a claim was made by a process of this host that no longer runs."""
+    try:
+        owner = msgspec.json.decode(claim)
+        host, pid = owner["host"], int(owner["pid"])
+    except (msgspec.DecodeError, KeyError, TypeError, ValueError):
+        return False
+    if host != socket.gethostname():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # it exists (another user's)
+        return False
+    return False
 
 
 def redis_target(spec: str) -> tuple[str, str]:
@@ -123,6 +169,9 @@ class RedisEventLog:
         self._sink: EventSink | None = None
         self._redis: Redis | None = None
         self._use_thread: Any = None
+        self._claim = msgspec.json.encode({"host": socket.gethostname(), "pid": os.getpid(),
+                                           "token": secrets.token_hex(8)}).decode()
+        self._renewer: asyncio.Task[None] | None = None
 
     # -- keys ----------------------------------------------------------------------------------------
 
@@ -145,6 +194,37 @@ class RedisEventLog:
     def _unfinished(self) -> str:
         return f"{self.prefix}:unfinished"
 
+    @property
+    def _owner(self) -> str:
+        return f"{self.prefix}:owner"
+
+    # -- the claim on the prefix ---------------------------------------------------------------------
+
+    async def _take_claim(self, client: Redis) -> None:
+        ttl = str(int(CLAIM_TTL * 1000))
+        if await client.set(self._owner, self._claim, nx=True, px=int(ttl)):
+            return
+        current: str | None = await client.get(self._owner)  # type: ignore[assignment]
+        stale = current is not None and _dead_local_process(current)
+        if stale and await client.eval(_TAKE_OVER, 1, self._owner, current or "", self._claim, ttl):
+            log.warning("took over the Redis store's claim of a gateway that is gone: %s", current)
+            return
+        raise StoreInUse(f"the Redis store {self.url} (prefix {self.prefix!r}) is in use by another gateway "
+                         f"({current}); its claim lapses {CLAIM_TTL:g}s after that gateway stops")
+
+    async def _renew_loop(self, client: Redis) -> None:
+        while True:
+            await asyncio.sleep(CLAIM_TTL / 3)
+            try:
+                renewed = await client.eval(_RENEW, 1, self._owner, self._claim,
+                                            str(int(CLAIM_TTL * 1000)))
+            except Exception as exc:  # Redis away for a moment: the writer reports it too
+                log.warning("could not renew the Redis store's claim: %r", exc)
+                continue
+            if not renewed:
+                log.critical("the Redis store's claim on prefix %r was lost (another gateway may write "
+                             "these conversations too)", self.prefix)
+
     # -- lifecycle -----------------------------------------------------------------------------------
 
     async def open(self, sink: EventSink) -> None:
@@ -162,9 +242,15 @@ class RedisEventLog:
                                 socket_connect_timeout=DEFAULT_TIMEOUT)
         try:
             await client.ping()
+            await self._take_claim(client)
         except (RedisError, OSError) as exc:
             await client.aclose()
             raise ConnectionError(f"cannot use the Redis store at {self.url}: {exc}") from exc
+        except BaseException:
+            await client.aclose()
+            raise
+        self._renewer = asyncio.get_running_loop().create_task(self._renew_loop(client),
+                                                               name="sidechain-redis-claim")
         self._redis = client
         self._use_thread = client.register_script(_USE_THREAD)
         self._sink = sink
@@ -186,8 +272,17 @@ class RedisEventLog:
             if writer is not None and not writer.done():
                 writer.cancel()
                 await asyncio.gather(writer, return_exceptions=True)
+            renewer, self._renewer = self._renewer, None
+            if renewer is not None:
+                renewer.cancel()
+                await asyncio.gather(renewer, return_exceptions=True)
             client, self._redis = self._redis, None
             if client is not None:
+                try:
+                    async with asyncio.timeout(DEFAULT_TIMEOUT):
+                        await client.eval(_RELEASE, 1, self._owner, self._claim)
+                except Exception as exc:  # it lapses by itself after CLAIM_TTL
+                    log.warning("could not give back the Redis store's claim: %r", exc)
                 await client.aclose()
             for _, fut in self._waiters:
                 if not fut.done():

@@ -30,16 +30,13 @@ from .base import (
     ConversationRecord,
     EventSink,
     StoredEvent,
+    StoreInUse,
     ThreadExchange,
     TurnRecord,
     TurnState,
 )
 
 __all__ = ["SqliteEventLog", "StoreInUse"]
-
-
-class StoreInUse(RuntimeError):
-    """Another gateway process has the store open."""
 
 log = logging.getLogger("sidechain.gateway.eventlog")
 
