@@ -98,3 +98,36 @@ async def test_decode_command() -> None:
     assert code == 0
     lines = [json.loads(line) for line in out.splitlines()]
     assert lines == [{"event": "x", "id": "7", "data": "a\nb"}, {"retry": 5}]
+
+
+async def test_an_unusable_url_is_a_one_line_usage_error() -> None:
+    for args in (("btw", "--url", "notaurl", "--conversation", "c", "hi"),
+                 ("btw", "--url", "ftp://example.org", "--conversation", "c", "hi"),
+                 ("events", "--url", "http://", "--conversation", "c"),
+                 ("chat", "--line", "--url", "notaurl")):
+        code, out, err = await run_cli(*args)
+        assert code == 2, (args, err)
+        assert out == "" and err.count("\n") == 1 and err.startswith("sidechain: --url must be"), (args, err)
+
+
+async def test_an_argument_that_is_not_utf8_is_a_one_line_usage_error() -> None:
+    async with running_gateway(echo_pace=0) as gw:
+        conv = await Conversation.create(gw.url)
+        code, out, err = await run_cli("btw", "--url", gw.url, "--conversation", conv.id, "caf\udce9")
+        assert code == 2, err
+        assert out == "" and err == "sidechain: argument 'caf\\udce9' is not valid UTF-8\n"
+
+
+async def test_a_closed_stdout_pipe_ends_the_command_quietly() -> None:
+    # `head -n1` leaves after the first delta; the paced answer still has many deltas to write
+    async with running_gateway(echo_pace=5) as gw:
+        conv = await Conversation.create(gw.url)
+        script = '"$0" -m sidechain btw --json --url "$1" --conversation "$2" a question | head -n1; ' \
+                 'echo "rc=${PIPESTATUS[0]}" >&2'
+        proc = await asyncio.create_subprocess_exec(
+            "bash", "-c", script, sys.executable, gw.url, conv.id,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        async with asyncio.timeout(30):
+            out, err = await proc.communicate()
+        assert json.loads(out.decode())["event"] == "btw.delta"
+        assert err.decode() == "rc=141\n"

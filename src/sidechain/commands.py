@@ -16,6 +16,7 @@ import os
 import sys
 import time
 from typing import Any
+from urllib.parse import urlsplit
 
 from . import loops
 from .client import Conversation, Fault
@@ -69,6 +70,30 @@ def add_client_commands(sub: Any) -> None:
     add_soak_command(sub)
 
 
+def _usage_error(args: argparse.Namespace, *, url: bool = True) -> int | None:
+    """2, after one line on stderr, when an argument cannot be used: text that is not UTF-8 (it could not
+    be sent), or (with ``url``) a ``--url`` that is not an http(s) URL with a host; else None."""
+    for value in vars(args).values():
+        for text in value if isinstance(value, list) else [value]:
+            if isinstance(text, str):
+                try:
+                    text.encode("utf-8")
+                except UnicodeEncodeError:
+                    print(f"sidechain: argument {text!r} is not valid UTF-8", file=sys.stderr)
+                    return 2
+    if url:
+        try:
+            parts = urlsplit(args.url)
+            valid = parts.scheme in ("http", "https") and bool(parts.hostname) and parts.port != 0
+        except ValueError:  # a malformed IPv6 address or port
+            valid = False
+        if not valid:
+            print(f"sidechain: --url must be an http(s) URL such as {DEFAULT_URL}, got {args.url!r}",
+                  file=sys.stderr)
+            return 2
+    return None
+
+
 def _run(coro: Any) -> int:
     try:
         loop = loops.resolve_loop()
@@ -87,12 +112,22 @@ def _run(coro: Any) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # the reader of stdout went away (``| head``): what is still buffered goes nowhere, so that
+        # flushing it at exit does not fail again; 141 is what a shell reports for a SIGPIPE death
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return 141
 
 
 # -- chat ------------------------------------------------------------------------------------------
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
+    if (code := _usage_error(args, url=not args.with_gateway)) is not None:
+        return code
+
     async def main() -> int:
         from .chat import run_chat
 
@@ -124,6 +159,9 @@ async def _chat_ui(url: str, args: argparse.Namespace, run_line: Any) -> int:
 
 
 def cmd_btw(args: argparse.Namespace) -> int:
+    if (code := _usage_error(args)) is not None:
+        return code
+
     async def main() -> int:
         conv = Conversation.attach(args.url, args.conversation, token=args.token)
         question = " ".join(args.question)
@@ -150,6 +188,9 @@ def cmd_btw(args: argparse.Namespace) -> int:
 
 
 def cmd_events(args: argparse.Namespace) -> int:
+    if (code := _usage_error(args)) is not None:
+        return code
+
     async def main() -> int:
         conv = Conversation.attach(args.url, args.conversation, token=args.token)
         count = 0
