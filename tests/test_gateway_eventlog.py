@@ -20,6 +20,7 @@ from sidechain.gateway.eventlog import (
     MemoryEventLog,
     RedisEventLog,
     SqliteEventLog,
+    StoreClosed,
     StoredEvent,
     StoreInUse,
     ThreadExchange,
@@ -324,31 +325,130 @@ async def test_sqlite_store_is_one_gateways_at_a_time(tmp_path: Path) -> None:
 
 async def test_redis_prefix_is_one_gateways_at_a_time(redis_store: str) -> None:
     """A live gateway's claim keeps a second one out; one of a process that is gone (killed, on this
-    host) is taken over; the claim is given back on close."""
+    host, boot and pid namespace) is taken over; one from elsewhere is not; it is given back on close."""
     import json
     import sys
 
     import redis.asyncio as aioredis
 
     first = RedisEventLog(redis_store, retention=10)
-    await first.open(lambda events: None)
-    try:
-        with pytest.raises(StoreInUse, match="in use by another gateway"):
-            await RedisEventLog(redis_store, retention=10).open(lambda events: None)
-    finally:
-        await first.close()
     raw = aioredis.Redis.from_url(first.url, decode_responses=True)
+    owner = f"{first.prefix}:owner"
     try:
-        assert await raw.get(f"{first.prefix}:owner") is None  # given back
+        await first.open(lambda events: None)
+        try:
+            claim = json.loads(await raw.get(owner))
+            assert claim["pid"] == os.getpid() and claim["host"] == socket.gethostname()
+            with pytest.raises(StoreInUse, match="in use by another gateway"):
+                await RedisEventLog(redis_store, retention=10).open(lambda events: None)
+        finally:
+            await first.close()
+        assert await raw.get(owner) is None  # given back
         gone = await asyncio.create_subprocess_exec(sys.executable, "-c", "pass")
         await gone.wait()  # a pid of this host that no longer runs
-        await raw.set(f"{first.prefix}:owner", json.dumps({"host": socket.gethostname(),
-                                                           "pid": gone.pid, "token": "x"}))
+        await raw.set(owner, json.dumps({**claim, "pid": gone.pid}))
         taker = RedisEventLog(redis_store, retention=10)
         await taker.open(lambda events: None)
         await taker.close()
-        await raw.set(f"{first.prefix}:owner", json.dumps({"host": "elsewhere", "pid": 1, "token": "y"}))
-        with pytest.raises(StoreInUse, match="elsewhere"):
-            await RedisEventLog(redis_store, retention=10).open(lambda events: None)
+        for elsewhere in ({"host": "elsewhere"}, {"pidns": "1"}, {"boot": "another-boot"}):
+            await raw.set(owner, json.dumps({**claim, "pid": gone.pid, **elsewhere}))
+            with pytest.raises(StoreInUse):
+                await RedisEventLog(redis_store, retention=10).open(lambda events: None)
     finally:
         await raw.aclose()
+
+
+async def test_redis_writes_are_fenced_by_the_claim() -> None:
+    """Redis restarted empty: the claim lapsed, the gateway claims it again before its next write (a
+    second gateway then stays out) and a conversation that lost its record loads. A claim taken by
+    another gateway stops every write (failing, retried) until it is this gateway's again."""
+    import json
+
+    import redis.asyncio as aioredis
+
+    proc, port = start_redis()
+    url = f"redis://127.0.0.1:{port}/0?socket_timeout=1"
+    log = RedisEventLog(url, retention=100)
+    raw = aioredis.Redis.from_url(f"redis://127.0.0.1:{port}/0", decode_responses=True)
+    try:
+        await log.open(lambda events: None)
+        log.create_conversation("c", 1.0)
+        log.append(StoredEvent("c", 1, "t", "{}"))
+        await log.flush()
+        stop_redis(proc)
+        proc, _ = start_redis(port)  # empty: no claim, no conversation record
+        log.append(StoredEvent("c", 2, "t", "{}"))
+        await asyncio.wait_for(log.flush(), 15)
+        with pytest.raises(StoreInUse):
+            await RedisEventLog(url, retention=100).open(lambda events: None)
+        record = await log.load_conversation("c")
+        assert record is not None and record.last_event_id == 2
+        mine = await raw.get("sidechain:owner")
+        await raw.set("sidechain:owner", json.dumps({**json.loads(mine), "token": "someone else"}))
+        log.append(StoredEvent("c", 3, "t", "{}"))
+        await wait_until(lambda: log.failing, what="the fenced write to fail")
+        assert [e.id for e in await log.read("c", 0, 10)] == [2]
+        await raw.set("sidechain:owner", mine)
+        await asyncio.wait_for(log.flush(), 15)
+        assert [e.id for e in await log.read("c", 0, 10)] == [2, 3]
+    finally:
+        await raw.aclose()
+        await log.close()
+        stop_redis(proc)
+
+
+async def test_sqlite_open_cancelled_releases_the_file_and_its_lock(tmp_path: Path) -> None:
+    path = str(tmp_path / "log.sqlite3")
+    before = len(os.listdir("/proc/self/fd"))
+    log = SqliteEventLog(path, retention=10)
+    opening = asyncio.ensure_future(log.open(lambda events: None))
+    await asyncio.sleep(0)  # the open is under way in the worker thread
+    opening.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await opening
+    assert len(os.listdir("/proc/self/fd")) == before  # no connection, no lock file left open
+    again = SqliteEventLog(path, retention=10)  # not StoreInUse
+    await again.open(lambda events: None)
+    await again.close()
+
+
+async def test_close_that_gives_up_fails_the_flushes_it_leaves(tmp_path: Path) -> None:
+    """A store still failing at close gives its writes up after close_timeout: a flush waiting for them
+    gets StoreClosed, never a return that would mean they are durable."""
+    import sqlite3
+
+    path = tmp_path / "log.sqlite3"
+    log = SqliteEventLog(str(path), retention=10, busy_timeout=0.05, close_timeout=0.3)
+    await log.open(lambda events: None)
+    locker = sqlite3.connect(str(path), isolation_level=None)
+    try:
+        log.create_conversation("c", 0.0)
+        await log.flush()
+        locker.execute("BEGIN EXCLUSIVE")
+        log.append(StoredEvent("c", 1, "t", "{}"))
+        waiting = asyncio.ensure_future(log.flush())
+        await wait_until(lambda: log.failing, what="the write to fail")
+        await log.close()
+        with pytest.raises(StoreClosed):
+            await waiting
+    finally:
+        locker.close()
+
+
+async def test_store_that_cannot_be_read_is_503_not_500() -> None:
+    proc, port = start_redis()
+    try:
+        async with aiohttp.ClientSession() as session, \
+                running_gateway(store=f"redis://127.0.0.1:{port}/0?socket_timeout=1", echo_pace=0) as gw:
+            cid = await create_conversation(session, gw.url)
+            assert gw.gateway.evict_idle(asyncio.get_running_loop().time() + 10_000) == 1
+            stop_redis(proc)
+            for method, path in (("GET", ""), ("POST", "/btw"), ("GET", "/events")):
+                async with session.request(method, f"{gw.url}/v1/conversations/{cid}{path}",
+                                           json={"question": "q"} if method == "POST" else None) as r:
+                    assert r.status == 503, (method, path, r.status, await r.text())
+                    assert (await r.json())["error"]["type"] == "store_unavailable"
+            assert gw.gateway.metrics.store_unavailable_total == 3
+            proc, _ = start_redis(port)  # so that the gateway's close can give its claim back
+    finally:
+        stop_redis(proc)

@@ -95,7 +95,12 @@ class Gateway:
                 if conv is not None:
                     log.warning("turn %s of %s was interrupted by a restart", turn.turn_id, conversation_id)
                     conv.restore_interrupted(turn.turn_id)
-            await self.log.flush()
+            try:  # a failing store is retried in the background; starting must not wait for it forever
+                async with asyncio.timeout(self.config.store_timeout):
+                    await self.log.flush()
+            except TimeoutError:
+                log.error("the store did not confirm the recovery of interrupted turns within %gs; "
+                          "starting anyway (the writes are retried)", self.config.store_timeout)
         except BaseException:
             await self.close()
             raise
@@ -113,8 +118,9 @@ class Gateway:
             await self.btws.cancel_all("gateway_shutdown")
             if self._started:
                 try:
-                    await self.durable()
-                except ServiceUnavailable:
+                    async with asyncio.timeout(self.config.store_timeout):
+                        await self.log.flush()
+                except TimeoutError:
                     log.error("shutdown: the store did not confirm the last writes in time")
             deadline = asyncio.get_running_loop().time() + self.config.slow_consumer_grace
             for conv in convs:
@@ -270,7 +276,13 @@ class Gateway:
         if not _CONVERSATION_ID.match(conversation_id):
             return None
         async with self._store_bound():
-            record = await self.log.load_conversation(conversation_id)
+            try:
+                record = await self.log.load_conversation(conversation_id)
+            except Exception as exc:  # the store cannot be read right now (Redis away, a broken file)
+                log.warning("could not load conversation %s from the store: %r", conversation_id, exc)
+                self.metrics.store_unavailable_total += 1
+                raise ServiceUnavailable("store_unavailable", "the event store cannot be read right now; "
+                                         "retry later", headers={"Retry-After": "1"}) from exc
         existing = self._convs.get(conversation_id)
         if existing is not None:  # loaded concurrently
             return existing

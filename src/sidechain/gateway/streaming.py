@@ -202,7 +202,16 @@ class EventStreamResponse(_StreamResponse):
                 if got is not None:
                     data, last = got
                 else:
-                    stored = await conv.read_stored(sub.cursor, _BATCH)
+                    try:
+                        stored = await conv.read_stored(sub.cursor, _BATCH)
+                    except Exception as exc:  # the store cannot be read right now (Redis away, say)
+                        log.warning("catch-up read of %s failed: %r", conv.id, exc)
+                        await self._send_final(send, sub, "error", {
+                            "type": "store_unavailable",
+                            "message": "the event store cannot be read right now; reconnect with "
+                                       "Last-Event-ID to catch up",
+                        })
+                        return
                     if not stored:  # nothing retained past the cursor (cannot happen while running)
                         sub.cursor = conv.last_event_id
                         continue

@@ -8,6 +8,7 @@ by the caller: contiguous integers per conversation, starting at 1.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
@@ -17,6 +18,7 @@ __all__ = [
     "ConversationRecord",
     "EventLog",
     "EventSink",
+    "StoreClosed",
     "StoreInUse",
     "StoredEvent",
     "TurnRecord",
@@ -60,6 +62,22 @@ class TurnRecord(msgspec.Struct, frozen=True):
 
 class StoreInUse(RuntimeError):
     """Another gateway process has the store open (a store takes one gateway at a time)."""
+
+
+class StoreClosed(RuntimeError):
+    """``flush`` was waiting when the store closed without making those writes durable."""
+
+
+def release_waiters(waiters: list[tuple[int, asyncio.Future[None]]], committed: int) -> None:
+    """At close: ``flush`` callers whose writes were committed return; the others get
+    :class:`StoreClosed` (their writes were given up)."""
+    for target, fut in waiters:
+        if not fut.done():
+            if target <= committed:
+                fut.set_result(None)
+            else:
+                fut.set_exception(StoreClosed("the store closed before these writes were made durable"))
+    waiters.clear()
 
 
 #: Longest wait, in seconds, before a durable store sends a failed batch again.

@@ -25,11 +25,14 @@ those waits and answers 503 ``store_unavailable``). A transaction whose reply wa
 applied: sent again, its stream entries are already there, which is then not an error. ``close`` gives
 up after ``close_timeout`` seconds, logging what was never written.
 
-One gateway per prefix, enforced: a gateway claims ``P:owner`` (its host, pid and a random token) for
-:data:`CLAIM_TTL` seconds and renews it while open; another gateway on the prefix gets
-:class:`~.base.StoreInUse`, unless the claim is from a process of the same host that no longer exists
-(a killed gateway restarting). A transaction spans several conversations, so the store needs one
-Redis (or its primary), not a cluster.
+One gateway per prefix, enforced: a gateway claims ``P:owner`` (its host, boot, pid namespace, pid and
+a random token) for :data:`CLAIM_TTL` seconds and renews it while open; another gateway on the prefix
+gets :class:`~.base.StoreInUse`, unless the claim is from a process of the same host, boot and pid
+namespace that no longer exists (a killed gateway restarting). Every transaction is fenced by the
+claim (``WATCH`` on it, checked before ``MULTI``): a gateway whose claim was taken writes nothing more
+(its writes fail, and are retried, until it has the claim again); one whose claim lapsed (Redis
+restarted empty, or away for longer than the claim) claims it again. A transaction spans several
+conversations, so the store needs one Redis (or its primary), not a cluster.
 """
 
 from __future__ import annotations
@@ -54,6 +57,7 @@ from .base import (
     ThreadExchange,
     TurnRecord,
     TurnState,
+    release_waiters,
 )
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -93,11 +97,14 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then
 end
 return 0
 """
-# Renew, or give back, the claim only while it is ours.
+# Renew the claim while it is ours (1), claim it again if it lapsed (2); 0 if another gateway has it.
 _RENEW = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+local current = redis.call('GET', KEYS[1])
+if current == ARGV[1] then redis.call('PEXPIRE', KEYS[1], ARGV[2]) return 1 end
+if not current then redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2]) return 2 end
 return 0
 """
+# Give the claim back only while it is ours.
 _RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
@@ -111,14 +118,33 @@ _decode_turn = msgspec.json.Decoder(TurnRecord).decode
 _decode_pair = msgspec.json.Decoder(tuple[str, str]).decode
 
 
+def _read(path: str) -> str:
+    try:
+        with open(path, encoding="ascii") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
+def _where() -> dict[str, str]:
+    """What tells this process's pid space apart: the host, its boot and the pid namespace (one host
+    name can cover several pid namespaces: containers, ``unshare``)."""
+    try:
+        pidns = str(os.stat("/proc/self/ns/pid").st_ino)
+    except OSError:
+        pidns = ""
+    return {"host": socket.gethostname(), "boot": _read("/proc/sys/kernel/random/boot_id"), "pidns": pidns}
+
+
 def _dead_local_process(claim: str) -> bool:
-    """Whether a claim was made by a process of this host that no longer runs."""
+    """Whether a claim was made by a process of this host, boot and pid namespace that no longer runs."""
     try:
         owner = msgspec.json.decode(claim)
-        host, pid = owner["host"], int(owner["pid"])
+        pid = int(owner["pid"])
+        where = {key: owner[key] for key in ("host", "boot", "pidns")}
     except (msgspec.DecodeError, KeyError, TypeError, ValueError):
         return False
-    if host != socket.gethostname():
+    if where != _where():
         return False
     try:
         os.kill(pid, 0)
@@ -127,6 +153,20 @@ def _dead_local_process(claim: str) -> bool:
     except OSError:  # it exists (another user's)
         return False
     return False
+
+
+def redacted(url: str) -> str:
+    """``url`` without its password (for messages and logs)."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.hostname or ""
+    netloc = f"{parts.username or ''}:***@{host}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+class _Rewatch(Exception):
+    """The claim changed between the check and EXEC (renewed, or claimed again): nothing was written."""
 
 
 def redis_target(spec: str) -> tuple[str, str]:
@@ -169,7 +209,7 @@ class RedisEventLog:
         self._sink: EventSink | None = None
         self._redis: Redis | None = None
         self._use_thread: Any = None
-        self._claim = msgspec.json.encode({"host": socket.gethostname(), "pid": os.getpid(),
+        self._claim = msgspec.json.encode({**_where(), "pid": os.getpid(),
                                            "token": secrets.token_hex(8)}).decode()
         self._renewer: asyncio.Task[None] | None = None
 
@@ -202,15 +242,21 @@ class RedisEventLog:
 
     async def _take_claim(self, client: Redis) -> None:
         ttl = str(int(CLAIM_TTL * 1000))
-        if await client.set(self._owner, self._claim, nx=True, px=int(ttl)):
-            return
-        current: str | None = await client.get(self._owner)  # type: ignore[assignment]
-        stale = current is not None and _dead_local_process(current)
-        if stale and await client.eval(_TAKE_OVER, 1, self._owner, current or "", self._claim, ttl):
-            log.warning("took over the Redis store's claim of a gateway that is gone: %s", current)
-            return
-        raise StoreInUse(f"the Redis store {self.url} (prefix {self.prefix!r}) is in use by another gateway "
-                         f"({current}); its claim lapses {CLAIM_TTL:g}s after that gateway stops")
+        current: str | None = None
+        for _ in range(3):  # the claim read may lapse between the tries: then it is free again
+            if await client.set(self._owner, self._claim, nx=True, px=int(ttl)):
+                return
+            current = await client.get(self._owner)  # type: ignore[assignment]
+            if current is None:
+                continue
+            if _dead_local_process(current) and await client.eval(_TAKE_OVER, 1, self._owner, current,
+                                                                  self._claim, ttl):
+                log.warning("took over the Redis store's claim of a gateway that is gone: %s", current)
+                return
+            break
+        raise StoreInUse(f"the Redis store {redacted(self.url)} (prefix {self.prefix!r}) is in use by "
+                         f"another gateway ({current}); its claim lapses {CLAIM_TTL:g}s after that gateway "
+                         "stops")
 
     async def _renew_loop(self, client: Redis) -> None:
         while True:
@@ -221,9 +267,12 @@ class RedisEventLog:
             except Exception as exc:  # Redis away for a moment: the writer reports it too
                 log.warning("could not renew the Redis store's claim: %r", exc)
                 continue
-            if not renewed:
-                log.critical("the Redis store's claim on prefix %r was lost (another gateway may write "
-                             "these conversations too)", self.prefix)
+            if renewed == 2:
+                log.warning("the Redis store's claim on prefix %r had lapsed (Redis restarted or was away); "
+                            "claimed again", self.prefix)
+            elif not renewed:
+                log.critical("the Redis store's claim on prefix %r is held by another gateway: this one "
+                             "writes nothing more until it has it again", self.prefix)
 
     # -- lifecycle -----------------------------------------------------------------------------------
 
@@ -245,7 +294,7 @@ class RedisEventLog:
             await self._take_claim(client)
         except (RedisError, OSError) as exc:
             await client.aclose()
-            raise ConnectionError(f"cannot use the Redis store at {self.url}: {exc}") from exc
+            raise ConnectionError(f"cannot use the Redis store at {redacted(self.url)}: {exc}") from exc
         except BaseException:
             await client.aclose()
             raise
@@ -284,10 +333,7 @@ class RedisEventLog:
                 except Exception as exc:  # it lapses by itself after CLAIM_TTL
                     log.warning("could not give back the Redis store's claim: %r", exc)
                 await client.aclose()
-            for _, fut in self._waiters:
-                if not fut.done():
-                    fut.set_result(None)
-            self._waiters.clear()
+            release_waiters(self._waiters, self._committed)
             self._sink = None
 
     @property
@@ -363,7 +409,9 @@ class RedisEventLog:
                 for seq in sorted(int(s) for s in pairs):
                     question, answer = _decode_pair(pairs[str(seq)])
                     exchanges.append(ThreadExchange(thread_id, seq, question, answer))
-        return ConversationRecord(conversation_id, float(conv["created_at"]), turns,
+        if "created_at" not in conv:  # Redis lost it (restarted without persistence) and writes came after
+            log.warning("conversation %s has no created_at in the Redis store", conversation_id)
+        return ConversationRecord(conversation_id, float(conv.get("created_at", 0.0)), turns,
                                   int(conv.get("last_id", 0)), exchanges, list(threads))
 
     async def read(self, conversation_id: str, after_id: int, limit: int) -> list[StoredEvent]:
@@ -399,6 +447,8 @@ class RedisEventLog:
                 batch = self._pending[: self._max_batch]  # stays first in line until it is written
                 try:
                     await self._write(batch, again=self._streak > 0)
+                except _Rewatch:
+                    continue  # the claim was renewed or taken again under the WATCH: check it again
                 except Exception as exc:  # the connection, the server: the same batch is sent again
                     self.write_failures += 1
                     self._streak += 1
@@ -417,9 +467,23 @@ class RedisEventLog:
             self._writer = None
 
     async def _write(self, batch: list[_Op], *, again: bool) -> None:
+        from redis.exceptions import WatchError
+
         client = self._client()
         newest: dict[str, int] = {}
         async with client.pipeline(transaction=True) as pipe:
+            # fenced by the claim: EXEC does nothing if the claim changed after this check
+            await pipe.watch(self._owner)
+            owner: str | None = await pipe.get(self._owner)  # type: ignore[assignment]
+            if owner != self._claim:
+                await pipe.reset()  # type: ignore[no-untyped-call]
+                if owner is None and await client.set(self._owner, self._claim, nx=True,
+                                                      px=int(CLAIM_TTL * 1000)):
+                    log.warning("the Redis store's claim on prefix %r had lapsed; claimed again", self.prefix)
+                    raise _Rewatch
+                raise StoreInUse(f"prefix {self.prefix!r} is claimed by another gateway ({owner}): "
+                                 "not writing")
+            pipe.multi()  # type: ignore[no-untyped-call]
             for op in batch:
                 kind = op[0]
                 if kind == "event":
@@ -456,7 +520,10 @@ class RedisEventLog:
                 pipe.hset(self._conv(cid), "last_id", last)
                 if last > self.retention:
                     pipe.xtrim(self._events(cid), minid=f"{last - self.retention + 1}-0", approximate=False)
-            results = await pipe.execute(raise_on_error=False)
+            try:
+                results = await pipe.execute(raise_on_error=False)
+            except WatchError:
+                raise _Rewatch from None
         failed = [r for r in results if isinstance(r, Exception)
                   and not (again and _ALREADY_ADDED in str(r))]
         if failed:

@@ -34,6 +34,7 @@ from .base import (
     ThreadExchange,
     TurnRecord,
     TurnState,
+    release_waiters,
 )
 
 __all__ = ["SqliteEventLog", "StoreInUse"]
@@ -132,8 +133,9 @@ class SqliteEventLog:
         try:
             await self._run(self._open_sync)
         except BaseException:
-            self._executor.shutdown(wait=True)
+            self._executor.shutdown(wait=True)  # an open cancelled meanwhile has run to its end by now
             self._executor = None
+            self._close_sync()
             raise
 
     async def close(self) -> None:
@@ -161,10 +163,7 @@ class SqliteEventLog:
                 await asyncio.shield(
                     asyncio.get_running_loop().run_in_executor(None, executor.shutdown, True)
                 )
-            for _, fut in self._waiters:
-                if not fut.done():
-                    fut.set_result(None)
-            self._waiters.clear()
+            release_waiters(self._waiters, self._committed)
             self._sink = None
 
     @property
