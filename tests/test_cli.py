@@ -131,3 +131,17 @@ async def test_a_closed_stdout_pipe_ends_the_command_quietly() -> None:
             out, err = await proc.communicate()
         assert json.loads(out.decode())["event"] == "btw.delta"
         assert err.decode() == "rc=141\n"
+
+
+def test_serve_options_map_onto_the_gateway_config() -> None:
+    from sidechain.cli import build_parser
+    from sidechain.gateway.server import config_from_args
+
+    args = build_parser().parse_args(["serve", "--store", "memory", "--store-timeout", "3",
+                                      "--retention", "50", "--btw-grace", "1.5",
+                                      "--conversation-idle-evict", "0"])
+    config = config_from_args(args)
+    assert (config.store, config.store_timeout, config.retention) == ("memory", 3.0, 50)
+    assert (config.btw_grace, config.conversation_idle_evict) == (1.5, 0.0)
+    default = config_from_args(build_parser().parse_args(["serve", "--store", "memory"]))
+    assert default.store_timeout == 10.0

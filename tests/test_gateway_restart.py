@@ -138,6 +138,6 @@ async def test_a_second_gateway_on_the_same_store_does_not_start_nor_touch_it(
             with pytest.raises(RuntimeError) as refused:  # start() saw the process exit first
                 async with GatewayProcess("--no-access-log", store=first.store):
                     pass
-            assert "in use by another gateway" in str(refused.value)
+            assert "sidechain serve: the gateway failed to start: StoreInUse: the store" in str(refused.value)
             events = await reader.until("turn.completed", "turn.failed")
         assert events[-1].event == "turn.completed" and data(events[-1])["turn_id"] == turn["turn_id"]

@@ -70,6 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--retention", type=int, default=None, help="events kept per conversation")
     srv.add_argument("--conversation-idle-evict", type=float, default=None, metavar="SECONDS",
                      help="drop a conversation unused this long from memory (reloaded on use; 0: never)")
+    srv.add_argument("--store-timeout", type=float, default=None, metavar="SECONDS",
+                     help="seconds a request waits for the store to confirm writes before a 503 (default 10)")
     srv.add_argument("--cors-origin", action="append", default=[], help="allow this origin (repeatable)")
     srv.add_argument("--no-access-log", action="store_true", help="do not log one line per request")
     srv.set_defaults(func=_cmd_serve)

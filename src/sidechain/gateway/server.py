@@ -56,7 +56,9 @@ class GatewayServer(uvicorn.Server):
         try:
             await super().startup(sockets)
         except SystemExit as exc:  # uvicorn exits the process on startup failure; make it an error
-            raise GatewayStartupError(f"the gateway failed to start (uvicorn exit {exc.code})") from None
+            cause = self.gateway.startup_error
+            why = f": {type(cause).__name__}: {cause}" if cause is not None else f" (uvicorn exit {exc.code})"
+            raise GatewayStartupError(f"the gateway failed to start{why}") from None
         if self.started:
             sock = self.servers[0].sockets[0]
             host, port = sock.getsockname()[:2]
@@ -180,6 +182,8 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
         config = config.replace(retention=args.retention)
     if getattr(args, "conversation_idle_evict", None) is not None:
         config = config.replace(conversation_idle_evict=args.conversation_idle_evict)
+    if getattr(args, "store_timeout", None) is not None:
+        config = config.replace(store_timeout=args.store_timeout)
     if args.cors_origin:
         config = config.replace(cors_origins=tuple(args.cors_origin))
     return config

@@ -65,9 +65,15 @@ class Gateway:
         self._started = False
         self._closed = False
         self._shutdown_done: asyncio.Future[None] | None = None
+        #: Why :meth:`start` failed, if it did (for a one-line message: the ASGI server prints a traceback).
+        self.startup_error: BaseException | None = None
 
     async def __aenter__(self) -> Gateway:
-        await self.start()
+        try:
+            await self.start()
+        except Exception as exc:
+            self.startup_error = exc
+            raise
         return self
 
     async def __aexit__(
