@@ -505,3 +505,49 @@ async def test_head_on_a_stream_is_405_and_the_connection_stays_usable(
     assert not conv.subscribers
     async with session.get(url) as resp:  # the same keep-alive connection answers the next request
         assert resp.status == 200
+
+
+async def test_hostile_and_broken_requests_get_typed_answers(
+    session: aiohttp.ClientSession, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Review findings, each a 500, a traceback or a forged log line before: invalid UTF-8 inside a JSON
+    string is 400 invalid_json; a client that leaves mid-body is counted, not logged as an error; a
+    percent-encoded newline in the path stays encoded in the access log; a 405 on a btw lists both of
+    its methods; a refused CORS preflight has the JSON error body."""
+    import asyncio
+    import logging
+
+    caplog.set_level(logging.INFO)
+    async with running_gateway(echo_pace=0, access_log=True, cors_origins=("http://ok.test",)) as gw:
+        cid = await create_conversation(session, gw.url)
+        url = f"{gw.url}/v1/conversations/{cid}"
+        for tail in ("/messages", "/notes", "/btw"):
+            body = b'{"text": "\xff\xfe", "question": "\xed\xa0\x80"}'
+            async with session.post(url + tail, data=body, headers={"Content-Type": "application/json"}) as r:
+                assert r.status == 400 and (await r.json())["error"]["type"] == "invalid_json", tail
+        host, port = gw.url.removeprefix("http://").split(":")
+        _, writer = await asyncio.open_connection(host, int(port))
+        writer.write(f"POST /v1/conversations/{cid}/notes HTTP/1.1\r\nHost: x\r\nContent-Type: "
+                     "application/json\r\nContent-Length: 100\r\n\r\n{\"text\": \"part".encode())
+        await writer.drain()
+        writer.close()
+        await writer.wait_closed()
+        await wait_until(lambda: gw.gateway.metrics.client_disconnects_total >= 1, what="the disconnect")
+        async with session.get(f"{gw.url}/v1/conversations/abc%0Aforged%20line") as r:
+            assert r.status == 404
+        async with session.post(f"{url}/btw/btw_0123") as r:
+            assert r.status == 405 and set(r.headers["Allow"].split(", ")) >= {"GET", "DELETE"}
+        refused = {"Origin": "http://evil.test", "Access-Control-Request-Method": "POST"}
+        async with session.options(f"{gw.url}/v1/conversations", headers=refused) as r:
+            assert r.status == 400 and (await r.json())["error"]["type"] == "cors_preflight_refused"
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert not errors, [r.getMessage() for r in errors]
+    paths = [r.getMessage() for r in caplog.records if r.name == "sidechain.gateway.access"]
+    assert any("abc%0Aforged%20line" in p for p in paths) and not any("\n" in p for p in paths)
+
+
+def test_settings_must_be_finite() -> None:
+    for field in ("keepalive_interval", "btw_grace", "store_timeout", "echo_pace", "shutdown_grace"):
+        for bad in (float("nan"), float("inf")):
+            with pytest.raises(ValueError, match=f"{field} must be a finite number"):
+                GatewayConfig(**{field: bad}).validate()

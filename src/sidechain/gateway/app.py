@@ -18,7 +18,7 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -85,14 +85,21 @@ async def read_body(request: Request, limit: int) -> bytes:
         )
     size = 0
     chunks: list[bytes] = []
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLarge(
-                "body_too_large", f"request body exceeds {limit} bytes", headers={"Connection": "close"}
-            )
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise PayloadTooLarge(
+                    "body_too_large", f"request body exceeds {limit} bytes", headers={"Connection": "close"}
+                )
+            chunks.append(chunk)
+    except ClientDisconnect:
+        raise ClientGone from None
     return b"".join(chunks)
+
+
+class ClientGone(Exception):
+    """The client went away while its request body was being read: nobody is left to answer."""
 
 
 async def read_json(request: Request, type_: type[T], limit: int) -> T:
@@ -104,7 +111,7 @@ async def read_json(request: Request, type_: type[T], limit: int) -> T:
         return msgspec.json.decode(body, type=type_)
     except msgspec.ValidationError as exc:
         raise BadRequest("invalid_request", str(exc)) from None
-    except msgspec.DecodeError as exc:
+    except (msgspec.DecodeError, UnicodeDecodeError) as exc:  # bad UTF-8 in a string is not a DecodeError
         raise BadRequest("invalid_json", f"the request body is not valid JSON: {exc}") from None
     except RecursionError:
         raise BadRequest("invalid_json", "the request body is nested too deeply") from None
@@ -136,6 +143,14 @@ def _text_limit(text: str, limit: int, field: str, type: str) -> None:
 
 
 # -- middleware ------------------------------------------------------------------------------------
+
+
+def _loggable_path(scope: Scope) -> str:
+    """The path as sent, percent-encoded (a decoded ``%0A`` would forge a second log line)."""
+    raw = scope.get("raw_path")
+    if isinstance(raw, bytes):
+        return raw.decode("ascii", "backslashreplace")
+    return str(scope["path"]).encode("unicode_escape").decode("ascii")
 
 
 class AccessLogMiddleware:
@@ -172,11 +187,23 @@ class AccessLogMiddleware:
                     '%s "%s %s" %d %.1fms %dB',
                     f"{client[0]}:{client[1]}" if client else "-",
                     scope["method"],
-                    scope["path"],
+                    _loggable_path(scope),
                     status,
                     (time.perf_counter() - start) * 1000,
                     sent,
                 )
+
+
+class JSONErrorCORSMiddleware(CORSMiddleware):
+    """Starlette's CORS handling, with its refused preflight answered in the one error body shape."""
+
+    def preflight_response(self, request_headers: Any) -> Response:
+        response = super().preflight_response(request_headers)
+        if response.status_code == 400:
+            reason = bytes(response.body).decode("utf-8", "replace")
+            return error_response(400, "cors_preflight_refused", reason,
+                                  {k: v for k, v in response.headers.items() if k.lower().startswith("vary")})
+        return response
 
 
 class BearerAuthMiddleware:
@@ -353,6 +380,13 @@ def _btw_replay(gw: Gateway, btw: Any, after: int | None) -> Response:
     return BtwStreamResponse(gw, btw, after or 0, resumed=after is not None)
 
 
+async def btw_resource(request: Request) -> Response:
+    """``GET`` (replay) or ``DELETE`` (cancel) one btw: one route, so a 405 lists both in ``Allow``."""
+    if request.method == "DELETE":
+        return await delete_btw(request)
+    return await get_btw(request)
+
+
 async def get_btw(request: Request) -> Response:
     _no_head(request)
     gw = _gateway(request)
@@ -378,6 +412,11 @@ async def _gateway_error(request: Request, exc: Exception) -> Response:
 
 
 _HTTP_TYPES = {404: "not_found", 405: "method_not_allowed"}
+
+
+async def _client_gone(request: Request, exc: Exception) -> Response:
+    _gateway(request).metrics.client_disconnects_total += 1
+    return Response(status_code=499)  # logged as nginx does ("client closed request"); never sent
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:
@@ -417,14 +456,13 @@ def create_app(config: GatewayConfig, *, gateway: Gateway | None = None) -> Star
         Route(cid + "/events", events, methods=["GET"]),
         Route(cid + "/turns/{turn_id}/cancel", cancel_turn, methods=["POST"]),
         Route(cid + "/btw", post_btw, methods=["POST"]),
-        Route(cid + "/btw/{btw_id}", get_btw, methods=["GET"]),
-        Route(cid + "/btw/{btw_id}", delete_btw, methods=["DELETE"]),
+        Route(cid + "/btw/{btw_id}", btw_resource, methods=["GET", "DELETE"]),
     ]
     middleware = [Middleware(AccessLogMiddleware, gateway=gw, enabled=config.access_log)]
     if config.cors_origins:
         middleware.append(
             Middleware(
-                CORSMiddleware,
+                JSONErrorCORSMiddleware,
                 allow_origins=list(config.cors_origins),
                 allow_methods=["GET", "POST", "DELETE"],
                 allow_headers=["Authorization", "Content-Type", "Last-Event-ID", "Idempotency-Key"],
@@ -437,7 +475,8 @@ def create_app(config: GatewayConfig, *, gateway: Gateway | None = None) -> Star
         routes=routes,
         middleware=middleware,
         lifespan=lifespan,
-        exception_handlers={GatewayError: _gateway_error, HTTPException: _http_error},
+        exception_handlers={GatewayError: _gateway_error, HTTPException: _http_error,
+                            ClientGone: _client_gone},
     )
     app.state.gateway = gw
     app.state.config = config
