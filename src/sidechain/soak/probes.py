@@ -215,6 +215,8 @@ class WarningSink:
         self._slow_callbacks = 0
         self._expected: Callable[[WarningRecord], bool] | None = None
         self._tally = WarningTally()
+        self._open = False
+        self._between = WarningTally()
 
     def __enter__(self) -> WarningSink:
         self._catch = warnings.catch_warnings(record=True)
@@ -274,10 +276,17 @@ class WarningSink:
             self.add(WarningRecord("warning", w.category.__name__, str(w.message)))
 
     def begin(self, expected: Callable[[WarningRecord], bool] | None = None) -> None:
-        """Open a window; warnings before it are left in the previous one."""
+        """Open a window. Warnings since the last :meth:`end` (between two windows) are kept in
+        :attr:`between`; those of a window still open are left in it (and dropped with it)."""
         self.flush()
+        if not self._open:
+            gap, between = self._tally, self._between
+            between.expected += gap.expected
+            between.unexpected += gap.unexpected
+            between.samples.extend(gap.samples[: self.MAX_SAMPLES - len(between.samples)])
         self._expected = expected
         self._tally = WarningTally()
+        self._open = True
 
     def end(self) -> WarningTally:
         """Close the window and return its tally (later warnings go to a fresh, unexpected window)."""
@@ -285,7 +294,14 @@ class WarningSink:
         tally = self._tally
         self._expected = None
         self._tally = WarningTally()
+        self._open = False
         return tally
+
+    @property
+    def between(self) -> WarningTally:
+        """Warnings raised between two windows (after an :meth:`end`, before the next :meth:`begin`):
+        no scenario's, so the soak reports them as stray."""
+        return self._between
 
     @property
     def slow_callbacks(self) -> int:

@@ -149,7 +149,7 @@ async def run_soak(options: SoakOptions) -> SoakReport:
         "asyncio_debug": debug,
         "asyncio_slow_callbacks": sink.slow_callbacks,
     }
-    for tally in (before, after):
+    for tally in (before, sink.between, after):
         report.stray_warnings.extend(f"[{w.source}] {w.short()}" for w in tally.samples)
         if tally.unexpected > len(tally.samples):
             report.stray_warnings.append(f"... and {tally.unexpected - len(tally.samples)} more")

@@ -25,6 +25,7 @@ __all__ = [
     "BtwReference",
     "btw_path",
     "compare_deltas",
+    "compare_id_list",
     "compare_ids",
     "create_conversations",
     "events_path",
@@ -185,16 +186,21 @@ class Comparison:
     lost: int
     repeated: int
     differing: int
+    #: ids delivered for the first time after a higher id (strictly increasing ids expected); a repeat
+    #: is counted as repeated only, not here
+    out_of_order: int = 0
 
 
 def compare_ids(reference: Sequence[EventTuple], got: Sequence[EventTuple], *, complete: bool) -> Comparison:
     """Compare delivered ``(id, event, data)`` to the reference stream (ids ``"1"``, ``"2"``, ...).
 
     Lost: ids missing below the highest delivered one (every reference id when ``complete``);
-    repeated: ids delivered more than once; differing: delivered events whose bytes differ.
+    repeated: ids delivered more than once; differing: delivered events whose bytes differ;
+    out of order: ids delivered for the first time after a higher one.
     """
     seen: dict[int, int] = {}
-    differing = 0
+    differing = out_of_order = 0
+    highest = 0
     by_id = {int(eid): (kind, data) for eid, kind, data in reference if eid.isdigit()}
     for eid, kind, data in got:
         if not eid.isdigit():
@@ -202,12 +208,31 @@ def compare_ids(reference: Sequence[EventTuple], got: Sequence[EventTuple], *, c
             continue
         n = int(eid)
         seen[n] = seen.get(n, 0) + 1
-        if seen[n] == 1 and by_id.get(n) != (kind, data):
-            differing += 1
+        if seen[n] == 1:
+            if by_id.get(n) != (kind, data):
+                differing += 1
+            if n < highest:
+                out_of_order += 1
+        highest = max(highest, n)
     top = max(by_id) if complete and by_id else max(seen, default=0)
     lost = sum(1 for n in range(1, top + 1) if n not in seen)
     repeated = sum(c - 1 for c in seen.values())
-    return Comparison(lost, repeated, differing)
+    return Comparison(lost, repeated, differing, out_of_order)
+
+
+def compare_id_list(ids: Sequence[int], last: int) -> Comparison:
+    """Delivered event ids against ``1..last`` (no bytes to compare): lost ids (missing up to
+    ``last``), repeated ids and out-of-order ids, as :func:`compare_ids` counts them."""
+    seen: dict[int, int] = {}
+    out_of_order = highest = 0
+    for n in ids:
+        seen[n] = seen.get(n, 0) + 1
+        if seen[n] == 1 and n < highest:
+            out_of_order += 1
+        highest = max(highest, n)
+    lost = sum(1 for n in range(1, last + 1) if n not in seen)
+    repeated = sum(c - 1 for c in seen.values())
+    return Comparison(lost, repeated, 0, out_of_order)
 
 
 def compare_deltas(reference: Sequence[str], got: Sequence[str], *, complete: bool) -> Comparison:

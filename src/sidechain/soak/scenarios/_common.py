@@ -7,10 +7,11 @@ import time
 from collections.abc import Callable
 
 from ...client import GatewayHTTPClient
+from ..model import ScenarioResult
 from ..probes import percentile
-from ..wire import post_message
+from ..wire import Comparison, post_message
 
-__all__ = ["exc_kind", "ms", "perf", "run_turn", "wait_for", "wait_turns_done"]
+__all__ = ["count_comparison", "exc_kind", "ms", "perf", "run_turn", "wait_for", "wait_turns_done"]
 
 perf = time.perf_counter
 
@@ -19,6 +20,15 @@ def ms(values: list[float], q: float) -> float | None:
     """The ``q`` quantile of millisecond samples, rounded for the report (None for no samples)."""
     p = percentile(values, q)
     return None if p is None else round(p, 3)
+
+
+def count_comparison(res: ScenarioResult, cmp: Comparison) -> None:
+    """Add a comparison's lost and repeated events to the counters; events delivered out of order (an
+    id after a higher one) are counted as errors."""
+    res.lost_events += cmp.lost
+    res.repeated_events += cmp.repeated
+    if cmp.out_of_order:
+        res.error("events delivered out of order", cmp.out_of_order)
 
 
 def exc_kind(exc: BaseException | None) -> str:

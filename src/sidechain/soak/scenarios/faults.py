@@ -24,7 +24,16 @@ from ..wire import (
     event_tuple,
     normalize,
 )
-from ._common import exc_kind
+from ._common import count_comparison, exc_kind
+
+
+def check_stream_result(ref: BtwReference, got: list[EventTuple], res: ScenarioResult) -> None:
+    """A ``stream_post_with_retry`` result: lost, repeated and out-of-order ids counted, and the
+    normalized event list must equal the uninterrupted one exactly (same events, same order, same bytes)."""
+    events = normalize(got)
+    count_comparison(res, compare_ids(ref.events, events, complete=True))
+    if tuple(events) != ref.events:
+        res.error("stream_post result differs from the uninterrupted one")
 
 
 async def scenario_faults(ctx: SoakContext, res: ScenarioResult) -> None:
@@ -62,9 +71,7 @@ async def scenario_faults(ctx: SoakContext, res: ScenarioResult) -> None:
                 async for delta in answer:
                     deltas.append(delta)
             attempts.append(answer.attempts)
-            cmp = compare_deltas(ref.deltas, deltas, complete=True)
-            res.lost_events += cmp.lost
-            res.repeated_events += cmp.repeated
+            count_comparison(res, compare_deltas(ref.deltas, deltas, complete=True))
             if not answer.completed or answer.text != ref.text or "".join(deltas) != ref.text:
                 res.error("btw answer differs from the uninterrupted one")
 
@@ -75,11 +82,7 @@ async def scenario_faults(ctx: SoakContext, res: ScenarioResult) -> None:
                 async for event in s:
                     got.append(event_tuple(event))
                 attempts.append(s.attempts)
-            cmp = compare_ids(ref.events, normalize(got), complete=True)
-            res.lost_events += cmp.lost
-            res.repeated_events += cmp.repeated
-            if cmp.differing or len(got) != len(ref.events):
-                res.error("stream_post result differs from the uninterrupted one")
+            check_stream_result(ref, got, res)
 
         async def worker(w: int) -> None:
             nonlocal taken

@@ -20,7 +20,7 @@ from ..wire import (
     last_event_id,
     post_message,
 )
-from ._common import exc_kind, perf, wait_for
+from ._common import count_comparison, exc_kind, perf, wait_for
 
 
 @dataclass
@@ -145,8 +145,7 @@ async def scenario_restart(ctx: SoakContext, res: ScenarioResult) -> None:
     for f in followers:
         log = logs[f.cid]
         cmp = compare_ids(log, f.events, complete=False)
-        res.lost_events += cmp.lost
-        res.repeated_events += cmp.repeated
+        count_comparison(res, cmp)
         if cmp.differing:
             res.error("delivered event differs from the log", cmp.differing)
         if not f.faults:

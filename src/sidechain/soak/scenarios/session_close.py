@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 from ...client import EventStreamClient, GatewayHTTPClient, Session
+from ...client.btw import BTW_TERMINAL
 from ...errors import (
     SessionInvalidated,
     SidechainError,
@@ -21,6 +22,19 @@ from ..wire import (
     post_message,
 )
 from ._common import exc_kind, perf
+
+
+def wrong_outcome(outcome: str, *, before_close: bool, can_end: bool) -> str | None:
+    """The error kind for a reader's outcome, or None when it is right.
+
+    Every reader must end with :class:`SessionInvalidated`, whenever it ended. The only other legitimate
+    outcome: a btw stream (``can_end``) whose whole answer, terminal event included, arrived before the
+    close (the slow gateway answers in ~9 s, so this needs a reader start delayed by that much).
+    """
+    if outcome == "invalidated" or (outcome == "ended" and before_close and can_end):
+        return None
+    when = "before" if before_close else "after"
+    return f"reader ended with {outcome} {when} the close instead of SessionInvalidated"
 
 
 async def scenario_session_close(ctx: SoakContext, res: ScenarioResult) -> None:
@@ -48,7 +62,8 @@ async def scenario_session_close(ctx: SoakContext, res: ScenarioResult) -> None:
 
         async def stream_post_reader(i: int) -> None:
             try:
-                async with http.stream_post(btw_path(btw_cid), {"question": QUESTION}, session=session) as s:
+                async with http.stream_post(btw_path(btw_cid), {"question": QUESTION}, session=session,
+                                            expect_terminal=BTW_TERMINAL) as s:
                     async for _ in s:
                         ready[i].set()
                 outcome[i] = "ended"
@@ -96,14 +111,16 @@ async def scenario_session_close(ctx: SoakContext, res: ScenarioResult) -> None:
             if task in pending:
                 outcomes["hung"] = outcomes.get("hung", 0) + 1
                 continue
-            if not task.cancelled() and task.exception() is not None:
-                res.error(f"reader raised {exc_kind(task.exception())}")
             end = finished[i]
             if end is not None and end >= t0:
                 res.release_ms.append((end - t0) * 1000)
-                if outcome[i] != "invalidated":
-                    res.error(f"reader ended with {outcome[i]} instead of SessionInvalidated")
-            outcomes[outcome[i]] = outcomes.get(outcome[i], 0) + 1
+            if not task.cancelled() and task.exception() is not None:
+                res.error(f"reader raised {exc_kind(task.exception())}")
+            elif wrong := wrong_outcome(outcome[i], before_close=end is not None and end < t0,
+                                         can_end=i < 2):
+                res.error(wrong)
+            key = outcome[i] if end is None or end >= t0 else f"{outcome[i]} before the close"
+            outcomes[key] = outcomes.get(key, 0) + 1
         if session.connection_count():
             res.error("the closed session still holds connections")
 

@@ -12,13 +12,14 @@ from ..context import SoakContext
 from ..model import ScenarioResult
 from ..probes import rss_mb
 from ..wire import (
+    compare_id_list,
     create_conversations,
     decode,
     events_path,
     fetch_metrics,
     post_message,
 )
-from ._common import exc_kind, perf
+from ._common import count_comparison, exc_kind, perf
 
 
 def _reader_buffer_bytes(client: EventStreamClient) -> int:
@@ -28,6 +29,37 @@ def _reader_buffer_bytes(client: EventStreamClient) -> int:
         return 0
     content: Any = stream.response.content
     return int(getattr(content, "_size", 0))
+
+
+#: bytes one socket read may add on top of a ``StreamReader`` at its high-water mark before reading
+#: pauses (asyncio and uvloop read up to 256 KiB at a time)
+_READ_CHUNK = 256 * 1024
+
+
+def _reader_high_water(client: EventStreamClient) -> int | None:
+    """The high-water mark (bytes) past which aiohttp pauses reading the client's connection."""
+    stream: Any = getattr(client, "_stream", None)
+    if stream is None:
+        return None
+    high = getattr(stream.response.content, "_high_water", None)
+    return high if isinstance(high, int) else None
+
+
+def read_buffer_bound(high_water: int) -> int:
+    """The most bytes aiohttp's read buffer may hold: its high-water mark plus one socket read."""
+    return high_water + _READ_CHUNK
+
+
+def check_bounds(res: ScenarioResult, *, items_peak: int, items_bound: int, bytes_peak: int,
+                 bytes_bound: int, dropped: bool, past_grace: bool, slow_consumer_events: int) -> None:
+    """Count an error for each bound exceeded, and for a missing ``slow_consumer`` event: a consumer
+    that reads again within the grace after the gateway dropped it must receive one."""
+    if items_peak > items_bound:
+        res.error(f"client item buffer held {items_peak} items, more than buffer_items={items_bound}")
+    if bytes_peak > bytes_bound:
+        res.error(f"aiohttp read buffer held {bytes_peak} bytes, more than its bound {bytes_bound}")
+    if dropped and not past_grace and not slow_consumer_events:
+        res.error("dropped within the grace but no slow_consumer error event received")
 
 
 async def scenario_slow_consumers(ctx: SoakContext, res: ScenarioResult) -> None:
@@ -59,6 +91,7 @@ async def _slow_consumer_once(ctx: SoakContext, res: ScenarioResult, *, past_gra
     gw_rss0 = rss_mb(gw_pid) if gw_pid else None
     big = " ".join(["x" * 1000] * 30)  # 30 deltas of ~1 KB, plus ~30 KB in message.created/completed
     peak_items = peak_bytes = 0
+    high_water: int | None = None
     rss0 = rss_mb()
     peak_rss = rss0
     dropped_after: float | None = None
@@ -90,6 +123,7 @@ async def _slow_consumer_once(ctx: SoakContext, res: ScenarioResult, *, past_gra
             while perf() - t0 < 60:
                 peak_items = max(peak_items, len(getattr(events, "_buffer", ())))
                 peak_bytes = max(peak_bytes, _reader_buffer_bytes(events))
+                high_water = high_water or _reader_high_water(events)
                 peak_rss = max(peak_rss, rss_mb())
                 if (await fetch_metrics(url)).get("sidechain_slow_consumers_total", 0.0) > drops0:
                     dropped_after = perf() - t0
@@ -110,6 +144,8 @@ async def _slow_consumer_once(ctx: SoakContext, res: ScenarioResult, *, past_gra
             await asyncio.sleep(7.0)  # slow_consumer_grace (5 s) passes: the gateway closes the connection
             peak_items = max(peak_items, len(getattr(events, "_buffer", ())))
             peak_bytes = max(peak_bytes, _reader_buffer_bytes(events))
+        # the client's own value (what it was built with), not only what the soak asked for
+        configured_items = int(getattr(events, "_max_items", buffer_items))
         # read again, until the last turn sent has ended (not polling the history: it holds megabytes)
         last = 0
         try:
@@ -130,9 +166,12 @@ async def _slow_consumer_once(ctx: SoakContext, res: ScenarioResult, *, past_gra
             res.hung_consumers += 1
         await items.aclose()
     res.operations += len(ids)
-    res.repeated_events += len(ids) - len(set(ids))
-    got = set(ids)
-    res.lost_events += sum(1 for i in range(1, last + 1) if i not in got)
+    count_comparison(res, compare_id_list(ids, last))
+    # no connection seen (so no bytes either): aiohttp's default read_bufsize (256 KiB) pauses at 512 KiB
+    bytes_bound = read_buffer_bound(high_water or 2 * 256 * 1024)
+    check_bounds(res, items_peak=peak_items, items_bound=buffer_items, bytes_peak=peak_bytes,
+                 bytes_bound=bytes_bound, dropped=dropped_after is not None, past_grace=past_grace,
+                 slow_consumer_events=len(error_events))
     gw_rss1 = rss_mb(gw_pid) if gw_pid else None
     bound = "?"
     for data in error_events:
@@ -144,7 +183,9 @@ async def _slow_consumer_once(ctx: SoakContext, res: ScenarioResult, *, past_gra
         "events": last, "turns": turns,
         "dropped_after_s": None if dropped_after is None else round(dropped_after, 2),
         "client_buffer_items_peak": peak_items, "client_buffer_items_bound": buffer_items,
-        "aiohttp_read_buffer_peak_bytes": peak_bytes, "client_rss_growth_mb": round(peak_rss - rss0, 1),
+        "client_buffer_items_configured": configured_items,
+        "aiohttp_read_buffer_peak_bytes": peak_bytes, "aiohttp_read_buffer_bound_bytes": bytes_bound,
+        "client_rss_growth_mb": round(peak_rss - rss0, 1),
         "gateway_bound_events": bound, "slow_consumer_events": len(error_events), "faults": faults,
         "gateway_rss_mb": None if gw_rss0 is None or gw_rss1 is None
         else [round(gw_rss0, 1), round(gw_rss1, 1)],
@@ -153,6 +194,7 @@ async def _slow_consumer_once(ctx: SoakContext, res: ScenarioResult, *, past_gra
     told = ("told with an error slow_consumer event (bound: more than "
             f"{bound} events behind)" if error_events else "its connection closed without the final event")
     return (f"stalled consumer, reading again {label}: {drop}, {told}; client buffer peak {peak_items} "
-            f"items (buffer_items={buffer_items}), aiohttp read buffer peak {peak_bytes / 1024:.0f} KiB, "
+            f"items (buffer_items={configured_items}), aiohttp read buffer peak {peak_bytes / 1024:.0f} KiB "
+            f"(bound {bytes_bound / 1024:.0f} KiB), "
             f"client RSS +{peak_rss - rss0:.1f} MB; resumed (faults {faults}) and got all {last} events "
             "exactly once")
