@@ -9,8 +9,9 @@ by the caller: contiguous integers per conversation, starting at 1.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Callable, Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
 import msgspec
 
@@ -181,3 +182,88 @@ class EventLog(Protocol):
     async def unfinished_turns(self) -> list[tuple[str, TurnRecord]]:
         """``(conversation_id, turn)`` for every turn left queued or running (after a crash)."""
         ...
+
+
+#: One enqueued write of a durable store: ``("conv", id, created_at)`` | ``("turn", conv_id, TurnRecord)``
+#: | ``("event", StoredEvent)`` | ``("exchange", conv_id, ThreadExchange)`` | ``("use_thread", conv_id,
+#: thread_id)`` | ``("drop_thread", conv_id, thread_id)``.
+Op = tuple[Any, ...]
+
+_log = logging.getLogger("sidechain.gateway.eventlog")
+
+
+class QueuedWrites:
+    """The write side of a durable store: every write is enqueued (in order) and returns at once; the
+    store sends batches from the front of ``_pending`` and calls :meth:`_written` for each one that is
+    durable, which delivers its events to the sink and releases the ``flush`` callers it completes.
+
+    Subclasses implement :meth:`_accepting` (open, not closed) and :meth:`_kick` (make sure a batch is
+    on its way).
+    """
+
+    def __init__(self) -> None:
+        self._pending: list[Op] = []
+        self._enqueued = 0
+        self._committed = 0
+        self._waiters: list[tuple[int, asyncio.Future[None]]] = []
+        self._sink: EventSink | None = None
+
+    def _accepting(self) -> bool:
+        raise NotImplementedError
+
+    def _kick(self) -> None:
+        raise NotImplementedError
+
+    def _enqueue(self, op: Op) -> None:
+        if not self._accepting():
+            _log.warning("write to a closed event log ignored: %s", op[0])
+            return
+        self._pending.append(op)
+        self._enqueued += 1
+        self._kick()
+
+    def create_conversation(self, conversation_id: str, created_at: float) -> None:
+        self._enqueue(("conv", conversation_id, created_at))
+
+    def save_turn(self, conversation_id: str, turn: TurnRecord) -> None:
+        self._enqueue(("turn", conversation_id, turn))
+
+    def append(self, event: StoredEvent) -> None:
+        self._enqueue(("event", event))
+
+    def save_exchange(self, conversation_id: str, exchange: ThreadExchange) -> None:
+        self._enqueue(("exchange", conversation_id, exchange))
+
+    def use_thread(self, conversation_id: str, thread_id: str) -> None:
+        self._enqueue(("use_thread", conversation_id, thread_id))
+
+    def drop_thread(self, conversation_id: str, thread_id: str) -> None:
+        self._enqueue(("drop_thread", conversation_id, thread_id))
+
+    async def flush(self) -> None:
+        """Wait until every write enqueued before this call is durable and its events delivered."""
+        target = self._enqueued
+        if self._committed >= target:
+            return
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append((target, fut))
+        await fut
+
+    def _written(self, batch: list[Op]) -> None:
+        """``batch`` (the front of what was enqueued) is durable: deliver its events, release waiters."""
+        self._committed += len(batch)
+        events = [op[1] for op in batch if op[0] == "event"]
+        if events and self._sink is not None:
+            try:
+                self._sink(events)
+            except Exception:
+                _log.exception("event sink failed")
+        if self._waiters:
+            still: list[tuple[int, asyncio.Future[None]]] = []
+            for target, fut in self._waiters:
+                if target <= self._committed:
+                    if not fut.done():
+                        fut.set_result(None)
+                else:
+                    still.append((target, fut))
+            self._waiters = still

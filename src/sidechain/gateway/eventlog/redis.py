@@ -52,6 +52,8 @@ from .base import (
     RETRY_MAX_DELAY,
     ConversationRecord,
     EventSink,
+    Op,
+    QueuedWrites,
     StoredEvent,
     StoreInUse,
     ThreadExchange,
@@ -73,10 +75,6 @@ DEFAULT_TIMEOUT = 5.0
 #: URL schemes of a Redis store spec (redis-py's own).
 SCHEMES = ("redis://", "rediss://", "unix://")
 
-# One enqueued write, as in the sqlite log: ("conv", id, created_at) | ("turn", conv_id, TurnRecord)
-# | ("event", StoredEvent) | ("exchange", conv_id, ThreadExchange) | ("use_thread", conv_id, thread_id)
-# | ("drop_thread", conv_id, thread_id)
-_Op = tuple[Any, ...]
 
 # A use numbers the thread after every earlier use of its conversation (atomic in Redis: no read
 # before the write, and the order survives restarts).
@@ -181,7 +179,7 @@ def redis_target(spec: str) -> tuple[str, str]:
     return urlunsplit(parts._replace(query=urlencode(rest))), prefix
 
 
-class RedisEventLog:
+class RedisEventLog(QueuedWrites):
     """An :class:`~.base.EventLog` in Redis (redis-py's asyncio client).
 
     Owns one client (its connection pool) and, while writes are in flight, one writer task.
@@ -193,6 +191,7 @@ class RedisEventLog:
 
     def __init__(self, spec: str, *, retention: int, max_batch: int = 4096, close_timeout: float = 10.0
                  ) -> None:
+        super().__init__()
         self.url, self.prefix = redis_target(spec)
         self.retention = retention
         self.close_timeout = close_timeout
@@ -200,13 +199,8 @@ class RedisEventLog:
         self.write_failures = 0
         self._streak = 0  # failures in a row of the batch at the front
         self._max_batch = max_batch
-        self._pending: list[_Op] = []
-        self._enqueued = 0
-        self._committed = 0
-        self._waiters: list[tuple[int, asyncio.Future[None]]] = []
         self._writer: asyncio.Task[None] | None = None
         self._closed = False
-        self._sink: EventSink | None = None
         self._redis: Redis | None = None
         self._use_thread: Any = None
         self._claim = msgspec.json.encode({**_where(), "pid": os.getpid(),
@@ -343,43 +337,14 @@ class RedisEventLog:
 
     # -- writes (enqueue only) -----------------------------------------------------------------------
 
-    def _enqueue(self, op: _Op) -> None:
-        if self._closed or self._redis is None:
-            log.warning("write to a closed event log ignored: %s", op[0])
-            return
-        self._pending.append(op)
-        self._enqueued += 1
+    def _accepting(self) -> bool:
+        return not self._closed and self._redis is not None
+
+    def _kick(self) -> None:
         if self._writer is None:
             # its first step runs on the next loop iteration: every write of this step is in its batch
             self._writer = asyncio.get_running_loop().create_task(self._write_loop(),
                                                                   name="sidechain-redis-writer")
-
-    def create_conversation(self, conversation_id: str, created_at: float) -> None:
-        self._enqueue(("conv", conversation_id, created_at))
-
-    def save_turn(self, conversation_id: str, turn: TurnRecord) -> None:
-        self._enqueue(("turn", conversation_id, turn))
-
-    def append(self, event: StoredEvent) -> None:
-        self._enqueue(("event", event))
-
-    def save_exchange(self, conversation_id: str, exchange: ThreadExchange) -> None:
-        self._enqueue(("exchange", conversation_id, exchange))
-
-    def use_thread(self, conversation_id: str, thread_id: str) -> None:
-        self._enqueue(("use_thread", conversation_id, thread_id))
-
-    def drop_thread(self, conversation_id: str, thread_id: str) -> None:
-        self._enqueue(("drop_thread", conversation_id, thread_id))
-
-    async def flush(self) -> None:
-        """Wait until every write enqueued before this call is in Redis and its events delivered."""
-        target = self._enqueued
-        if self._committed >= target:
-            return
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._waiters.append((target, fut))
-        await fut
 
     # -- reads ---------------------------------------------------------------------------------------
 
@@ -462,11 +427,11 @@ class RedisEventLog:
                     log.warning("Redis store writes again after %d failed transactions", self._streak)
                     self._streak = 0
                 del self._pending[: len(batch)]
-                self._on_committed(batch)
+                self._written(batch)
         finally:
             self._writer = None
 
-    async def _write(self, batch: list[_Op], *, again: bool) -> None:
+    async def _write(self, batch: list[Op], *, again: bool) -> None:
         from redis.exceptions import WatchError
 
         client = self._client()
@@ -529,20 +494,3 @@ class RedisEventLog:
         if failed:
             raise RuntimeError(f"{len(failed)} of {len(results)} Redis commands failed; first: {failed[0]!r}")
 
-    def _on_committed(self, batch: list[_Op]) -> None:
-        self._committed += len(batch)
-        events = [op[1] for op in batch if op[0] == "event"]
-        if events and self._sink is not None:
-            try:
-                self._sink(events)
-            except Exception:
-                log.exception("event sink failed")
-        if self._waiters:
-            still: list[tuple[int, asyncio.Future[None]]] = []
-            for target, fut in self._waiters:
-                if target <= self._committed:
-                    if not fut.done():
-                        fut.set_result(None)
-                else:
-                    still.append((target, fut))
-            self._waiters = still

@@ -29,6 +29,8 @@ from .base import (
     RETRY_MAX_DELAY,
     ConversationRecord,
     EventSink,
+    Op,
+    QueuedWrites,
     StoredEvent,
     StoreInUse,
     ThreadExchange,
@@ -82,13 +84,9 @@ CREATE TABLE IF NOT EXISTS events (
 ) WITHOUT ROWID;
 """
 
-# One enqueued write: ("conv", id, created_at) | ("turn", conv_id, TurnRecord) | ("event", StoredEvent)
-# | ("exchange", conv_id, ThreadExchange) | ("use_thread", conv_id, thread_id)
-# | ("drop_thread", conv_id, thread_id)
-_Op = tuple[Any, ...]
 
 
-class SqliteEventLog:
+class SqliteEventLog(QueuedWrites):
     """An :class:`~.base.EventLog` in a sqlite file.
 
     Owns one thread (a single-worker executor). Commits are pumped without a task: the first write
@@ -102,6 +100,7 @@ class SqliteEventLog:
 
     def __init__(self, path: str, *, retention: int, max_batch: int = 4096, busy_timeout: float = 5.0,
                  close_timeout: float = 10.0) -> None:
+        super().__init__()
         self.path = path
         self.retention = retention
         self.busy_timeout = busy_timeout
@@ -111,13 +110,8 @@ class SqliteEventLog:
         self._streak = 0  # failures in a row of the batch at the front
         self._retry: asyncio.TimerHandle | None = None
         self._max_batch = max_batch
-        self._pending: list[_Op] = []
-        self._enqueued = 0
-        self._committed = 0
-        self._waiters: list[tuple[int, asyncio.Future[None]]] = []
         self._busy = False  # a batch is scheduled or committing
         self._closed = False
-        self._sink: EventSink | None = None
         self._conn: sqlite3.Connection | None = None
         self._lock: int | None = None  # the fd holding the store's lock file
         self._executor: ThreadPoolExecutor | None = None
@@ -173,43 +167,14 @@ class SqliteEventLog:
 
     # -- writes (enqueue only) ---------------------------------------------------------------------
 
-    def _enqueue(self, op: _Op) -> None:
-        if self._closed or self._executor is None:
-            log.warning("write to a closed event log ignored: %s", op[0])
-            return
-        self._pending.append(op)
-        self._enqueued += 1
+    def _accepting(self) -> bool:
+        return not self._closed and self._executor is not None
+
+    def _kick(self) -> None:
         if not self._busy:
             self._busy = True
             assert self._loop is not None
             self._loop.call_soon(self._start_batch)
-
-    def create_conversation(self, conversation_id: str, created_at: float) -> None:
-        self._enqueue(("conv", conversation_id, created_at))
-
-    def save_turn(self, conversation_id: str, turn: TurnRecord) -> None:
-        self._enqueue(("turn", conversation_id, turn))
-
-    def append(self, event: StoredEvent) -> None:
-        self._enqueue(("event", event))
-
-    def save_exchange(self, conversation_id: str, exchange: ThreadExchange) -> None:
-        self._enqueue(("exchange", conversation_id, exchange))
-
-    def use_thread(self, conversation_id: str, thread_id: str) -> None:
-        self._enqueue(("use_thread", conversation_id, thread_id))
-
-    def drop_thread(self, conversation_id: str, thread_id: str) -> None:
-        self._enqueue(("drop_thread", conversation_id, thread_id))
-
-    async def flush(self) -> None:
-        """Wait until every write enqueued before this call is committed and its events delivered."""
-        target = self._enqueued
-        if self._committed >= target:
-            return
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._waiters.append((target, fut))
-        await fut
 
     # -- reads -------------------------------------------------------------------------------------
 
@@ -248,7 +213,7 @@ class SqliteEventLog:
 
         executor.submit(self._write_sync, batch).add_done_callback(done)
 
-    def _on_committed(self, batch: list[_Op], f: Future[None]) -> None:
+    def _on_committed(self, batch: list[Op], f: Future[None]) -> None:
         exc = f.exception()
         if exc is not None:
             self.write_failures += 1
@@ -265,22 +230,7 @@ class SqliteEventLog:
         if self._streak:
             log.warning("sqlite store writes again after %d failed commits", self._streak)
             self._streak = 0
-        self._committed += len(batch)
-        events = [op[1] for op in batch if op[0] == "event"]
-        if events and self._sink is not None:
-            try:
-                self._sink(events)
-            except Exception:
-                log.exception("event sink failed")
-        if self._waiters:
-            still: list[tuple[int, asyncio.Future[None]]] = []
-            for target, fut in self._waiters:
-                if target <= self._committed:
-                    if not fut.done():
-                        fut.set_result(None)
-                else:
-                    still.append((target, fut))
-            self._waiters = still
+        self._written(batch)
         self._start_batch()  # the next group, if any accumulated meanwhile
 
     def _open_sync(self) -> None:
@@ -324,7 +274,7 @@ class SqliteEventLog:
         if lock is not None:
             os.close(lock)  # releases the flock
 
-    def _write_sync(self, batch: list[_Op]) -> None:
+    def _write_sync(self, batch: list[Op]) -> None:
         conn = self._conn
         assert conn is not None
         convs: list[tuple[str, float]] = []
