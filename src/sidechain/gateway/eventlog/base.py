@@ -207,6 +207,14 @@ class QueuedWrites:
         self._committed = 0
         self._waiters: list[tuple[int, asyncio.Future[None]]] = []
         self._sink: EventSink | None = None
+        #: Failed writes so far (each batch is sent again until it is durable).
+        self.write_failures = 0
+        self._streak = 0  # failures in a row of the batch at the front
+
+    @property
+    def failing(self) -> bool:
+        """Whether the batch at the front failed and waits to be sent again."""
+        return self._streak > 0
 
     def _accepting(self) -> bool:
         raise NotImplementedError

@@ -195,9 +195,6 @@ class RedisEventLog(QueuedWrites):
         self.url, self.prefix = redis_target(spec)
         self.retention = retention
         self.close_timeout = close_timeout
-        #: Failed transactions so far (each batch is sent again until it succeeds).
-        self.write_failures = 0
-        self._streak = 0  # failures in a row of the batch at the front
         self._max_batch = max_batch
         self._writer: asyncio.Task[None] | None = None
         self._closed = False
@@ -329,11 +326,6 @@ class RedisEventLog(QueuedWrites):
                 await client.aclose()
             release_waiters(self._waiters, self._committed)
             self._sink = None
-
-    @property
-    def failing(self) -> bool:
-        """Whether the batch at the front failed and waits to be sent again."""
-        return self._streak > 0
 
     # -- writes (enqueue only) -----------------------------------------------------------------------
 

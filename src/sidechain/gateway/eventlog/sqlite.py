@@ -105,9 +105,6 @@ class SqliteEventLog(QueuedWrites):
         self.retention = retention
         self.busy_timeout = busy_timeout
         self.close_timeout = close_timeout
-        #: Failed commits so far (each batch is sent again until it commits).
-        self.write_failures = 0
-        self._streak = 0  # failures in a row of the batch at the front
         self._retry: asyncio.TimerHandle | None = None
         self._max_batch = max_batch
         self._busy = False  # a batch is scheduled or committing
@@ -159,11 +156,6 @@ class SqliteEventLog(QueuedWrites):
                 )
             release_waiters(self._waiters, self._committed)
             self._sink = None
-
-    @property
-    def failing(self) -> bool:
-        """Whether the batch at the front failed and waits to be sent again."""
-        return self._streak > 0
 
     # -- writes (enqueue only) ---------------------------------------------------------------------
 
