@@ -122,7 +122,7 @@ class Gateway:
             convs = list(self._convs.values())
             await asyncio.gather(*(c.close("gateway_shutdown") for c in convs))
             await self.btws.cancel_all("gateway_shutdown")
-            if self._started:
+            if self._started and not self.log.failing:  # a failing store gets its own bounded wait in close
                 try:
                     async with asyncio.timeout(self.config.store_timeout):
                         await self.log.flush()

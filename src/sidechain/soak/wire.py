@@ -7,6 +7,7 @@ Each helper owns what it opens (dedicated sessions) and releases it before retur
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import difflib
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -198,26 +199,21 @@ def compare_ids(reference: Sequence[EventTuple], got: Sequence[EventTuple], *, c
     repeated: ids delivered more than once; differing: delivered events whose bytes differ;
     out of order: ids delivered for the first time after a higher one.
     """
-    seen: dict[int, int] = {}
-    differing = out_of_order = 0
-    highest = 0
     by_id = {int(eid): (kind, data) for eid, kind, data in reference if eid.isdigit()}
+    ids: list[int] = []
+    checked: set[int] = set()
+    differing = 0
     for eid, kind, data in got:
         if not eid.isdigit():
             differing += 1
             continue
         n = int(eid)
-        seen[n] = seen.get(n, 0) + 1
-        if seen[n] == 1:
-            if by_id.get(n) != (kind, data):
-                differing += 1
-            if n < highest:
-                out_of_order += 1
-        highest = max(highest, n)
-    top = max(by_id) if complete and by_id else max(seen, default=0)
-    lost = sum(1 for n in range(1, top + 1) if n not in seen)
-    repeated = sum(c - 1 for c in seen.values())
-    return Comparison(lost, repeated, differing, out_of_order)
+        ids.append(n)
+        if n not in checked:  # the first delivery of an id is compared; a repeat counts as repeated
+            checked.add(n)
+            differing += by_id.get(n) != (kind, data)
+    top = max(by_id) if complete and by_id else max(ids, default=0)
+    return dataclasses.replace(compare_id_list(ids, top), differing=differing)
 
 
 def compare_id_list(ids: Sequence[int], last: int) -> Comparison:

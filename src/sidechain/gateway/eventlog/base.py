@@ -69,18 +69,6 @@ class StoreClosed(RuntimeError):
     """``flush`` was waiting when the store closed without making those writes durable."""
 
 
-def release_waiters(waiters: list[tuple[int, asyncio.Future[None]]], committed: int) -> None:
-    """At close: ``flush`` callers whose writes were committed return; the others get
-    :class:`StoreClosed` (their writes were given up)."""
-    for target, fut in waiters:
-        if not fut.done():
-            if target <= committed:
-                fut.set_result(None)
-            else:
-                fut.set_exception(StoreClosed("the store closed before these writes were made durable"))
-    waiters.clear()
-
-
 #: Longest wait, in seconds, before a durable store sends a failed batch again.
 RETRY_MAX_DELAY = 2.0
 
@@ -122,7 +110,8 @@ class EventLog(Protocol):
     * ``flush`` returns once everything enqueued before the call is durable and delivered to the sink
       (it waits while the store fails: callers bound it).
     * At most ``retention`` events are kept per conversation: the oldest are trimmed first.
-    * ``close`` flushes, then releases every resource (threads, files). It is idempotent.
+    * ``close`` flushes (a durable store gives up after its ``close_timeout``), then releases every
+      resource (threads, files, connections). It is idempotent.
     """
 
     #: True when events survive a process restart.
@@ -257,8 +246,11 @@ class QueuedWrites:
         self._waiters.append((target, fut))
         await fut
 
-    def _written(self, batch: list[Op]) -> None:
+    def _written(self, batch: list[Op], what: str) -> None:
         """``batch`` (the front of what was enqueued) is durable: deliver its events, release waiters."""
+        if self._streak:
+            _log.warning("%s store writes again after %d failed writes", what, self._streak)
+            self._streak = 0
         self._committed += len(batch)
         events = [op[1] for op in batch if op[0] == "event"]
         if events and self._sink is not None:
@@ -266,12 +258,41 @@ class QueuedWrites:
                 self._sink(events)
             except Exception:
                 _log.exception("event sink failed")
-        if self._waiters:
-            still: list[tuple[int, asyncio.Future[None]]] = []
-            for target, fut in self._waiters:
-                if target <= self._committed:
-                    if not fut.done():
-                        fut.set_result(None)
-                else:
-                    still.append((target, fut))
-            self._waiters = still
+        self._release_waiters(closing=False)
+
+    def _failed(self, batch: list[Op], exc: BaseException, what: str) -> float:
+        """Writing ``batch`` failed: count it, log it (the first time, then every 20th), and return how
+        long to wait before sending it again."""
+        self.write_failures += 1
+        self._streak += 1
+        delay: float = min(RETRY_MAX_DELAY, 0.05 * 2.0 ** min(self._streak - 1, 10))
+        if self._streak == 1 or self._streak % 20 == 0:
+            _log.error("%s write of %d operations failed (%d in a row); sending it again in %.2fs",
+                       what, len(batch), self._streak, delay, exc_info=exc)
+        return delay
+
+    async def _flush_before_close(self, within: float, what: str) -> None:
+        """Flush for at most ``within`` seconds; what is still unwritten then is given up (logged)."""
+        try:
+            async with asyncio.timeout(within):
+                await self.flush()
+        except TimeoutError:
+            _log.error("%s store still failing at close: %d operations never written", what,
+                       len(self._pending))
+
+    def _release_waiters(self, *, closing: bool) -> None:
+        """Return the ``flush`` callers whose writes are durable; at close, fail the others with
+        :class:`StoreClosed` (their writes were given up). Clears the sink at close."""
+        still: list[tuple[int, asyncio.Future[None]]] = []
+        for target, fut in self._waiters:
+            if fut.done():
+                continue
+            if target <= self._committed:
+                fut.set_result(None)
+            elif closing:
+                fut.set_exception(StoreClosed("the store closed before these writes were made durable"))
+            else:
+                still.append((target, fut))
+        self._waiters = still
+        if closing:
+            self._sink = None

@@ -49,7 +49,6 @@ import msgspec
 
 from .base import (
     MAX_THREAD_EXCHANGES,
-    RETRY_MAX_DELAY,
     ConversationRecord,
     EventSink,
     Op,
@@ -59,7 +58,6 @@ from .base import (
     ThreadExchange,
     TurnRecord,
     TurnState,
-    release_waiters,
 )
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -183,8 +181,9 @@ class RedisEventLog(QueuedWrites):
     """An :class:`~.base.EventLog` in Redis (redis-py's asyncio client).
 
     Owns one client (its connection pool) and, while writes are in flight, one writer task.
-    :meth:`close` sends everything enqueued, then closes the client. A failed transaction is logged
-    and its events are delivered anyway, as the protocol says; reads raise the client's error.
+    :meth:`close` sends everything enqueued (giving up after ``close_timeout``), then closes the client.
+    A failed transaction is sent again until it succeeds, its events held back meanwhile (see the
+    module docstring); reads raise the client's error.
     """
 
     durable = True
@@ -200,8 +199,7 @@ class RedisEventLog(QueuedWrites):
         self._closed = False
         self._redis: Redis | None = None
         self._use_thread: Any = None
-        self._claim = msgspec.json.encode({**_where(), "pid": os.getpid(),
-                                           "token": secrets.token_hex(8)}).decode()
+        self._claim = ""  # made at open: who this gateway is (host, boot, pid namespace, pid, token)
         self._renewer: asyncio.Task[None] | None = None
 
     # -- keys ----------------------------------------------------------------------------------------
@@ -280,6 +278,8 @@ class RedisEventLog(QueuedWrites):
         # not stall the writer, and with it every event stream, for the kernel's connect timeout
         client = Redis.from_url(self.url, decode_responses=True, socket_timeout=DEFAULT_TIMEOUT,
                                 socket_connect_timeout=DEFAULT_TIMEOUT)
+        self._claim = msgspec.json.encode({**_where(), "pid": os.getpid(),
+                                           "token": secrets.token_hex(8)}).decode()
         try:
             await client.ping()
             await self._take_claim(client)
@@ -302,10 +302,7 @@ class RedisEventLog(QueuedWrites):
         if self._closed:
             return
         try:
-            async with asyncio.timeout(self.close_timeout):
-                await self.flush()
-        except TimeoutError:
-            log.error("Redis store still failing at close: %d operations never written", len(self._pending))
+            await self._flush_before_close(self.close_timeout, "Redis")
         finally:
             self._closed = True
             writer, self._writer = self._writer, None
@@ -324,8 +321,7 @@ class RedisEventLog(QueuedWrites):
                 except Exception as exc:  # it lapses by itself after CLAIM_TTL
                     log.warning("could not give back the Redis store's claim: %r", exc)
                 await client.aclose()
-            release_waiters(self._waiters, self._committed)
-            self._sink = None
+            self._release_waiters(closing=True)
 
     # -- writes (enqueue only) -----------------------------------------------------------------------
 
@@ -407,19 +403,10 @@ class RedisEventLog(QueuedWrites):
                 except _Rewatch:
                     continue  # the claim was renewed or taken again under the WATCH: check it again
                 except Exception as exc:  # the connection, the server: the same batch is sent again
-                    self.write_failures += 1
-                    self._streak += 1
-                    delay = min(RETRY_MAX_DELAY, 0.05 * 2 ** min(self._streak - 1, 10))
-                    if self._streak == 1 or self._streak % 20 == 0:
-                        log.error("Redis write of %d operations failed (%d in a row); sending it again in "
-                                  "%.2fs", len(batch), self._streak, delay, exc_info=exc)
-                    await asyncio.sleep(delay)
+                    await asyncio.sleep(self._failed(batch, exc, "Redis"))
                     continue
-                if self._streak:
-                    log.warning("Redis store writes again after %d failed transactions", self._streak)
-                    self._streak = 0
                 del self._pending[: len(batch)]
-                self._written(batch)
+                self._written(batch, "Redis")
         finally:
             self._writer = None
 

@@ -26,7 +26,6 @@ from typing import Any, TypeVar
 
 from .base import (
     MAX_THREAD_EXCHANGES,
-    RETRY_MAX_DELAY,
     ConversationRecord,
     EventSink,
     Op,
@@ -36,10 +35,9 @@ from .base import (
     ThreadExchange,
     TurnRecord,
     TurnState,
-    release_waiters,
 )
 
-__all__ = ["SqliteEventLog", "StoreInUse"]
+__all__ = ["SqliteEventLog"]
 
 log = logging.getLogger("sidechain.gateway.eventlog")
 
@@ -93,7 +91,8 @@ class SqliteEventLog(QueuedWrites):
     of a loop step schedules a batch for the end of that step; while a batch commits in the thread,
     new writes accumulate into the next one (group commit). The commit's completion comes back to
     the loop with ``call_soon_threadsafe``, which hands the events to the sink and starts the next
-    batch. :meth:`close` commits everything, closes the connection and joins the thread.
+    batch. :meth:`close` commits everything (giving up after ``close_timeout``), closes the connection
+    and joins the thread.
     """
 
     durable = True
@@ -130,7 +129,8 @@ class SqliteEventLog(QueuedWrites):
             raise
 
     async def close(self) -> None:
-        """Commit everything enqueued (delivering its events), close the file and join the thread.
+        """Commit everything enqueued (delivering its events; given up after ``close_timeout``), close the
+        file and join the thread.
 
         Idempotent; writes after close are ignored with a warning. If cancelled while waiting for the
         last commit, the connection is still closed and the thread joined (in the worker) before
@@ -139,10 +139,7 @@ class SqliteEventLog(QueuedWrites):
         if self._closed:
             return
         try:
-            async with asyncio.timeout(self.close_timeout):
-                await self.flush()
-        except TimeoutError:
-            log.error("sqlite store still failing at close: %d operations never written", len(self._pending))
+            await self._flush_before_close(self.close_timeout, "sqlite")
         finally:
             self._closed = True
             if self._retry is not None:
@@ -154,8 +151,7 @@ class SqliteEventLog(QueuedWrites):
                 await asyncio.shield(
                     asyncio.get_running_loop().run_in_executor(None, executor.shutdown, True)
                 )
-            release_waiters(self._waiters, self._committed)
-            self._sink = None
+            self._release_waiters(closing=True)
 
     # -- writes (enqueue only) ---------------------------------------------------------------------
 
@@ -208,21 +204,13 @@ class SqliteEventLog(QueuedWrites):
     def _on_committed(self, batch: list[Op], f: Future[None]) -> None:
         exc = f.exception()
         if exc is not None:
-            self.write_failures += 1
-            self._streak += 1
+            delay = self._failed(batch, exc, "sqlite")
             if self._executor is None or self._loop is None:  # closed meanwhile: given up
                 return
-            delay = min(RETRY_MAX_DELAY, 0.05 * 2 ** min(self._streak - 1, 10))
-            if self._streak == 1 or self._streak % 20 == 0:
-                log.error("sqlite write of %d operations failed (%d in a row); sending it again in %.2fs",
-                          len(batch), self._streak, delay, exc_info=exc)
             self._pending[:0] = batch  # first again: nothing commits before it
             self._retry = self._loop.call_later(delay, self._start_batch)
             return
-        if self._streak:
-            log.warning("sqlite store writes again after %d failed commits", self._streak)
-            self._streak = 0
-        self._written(batch)
+        self._written(batch, "sqlite")
         self._start_batch()  # the next group, if any accumulated meanwhile
 
     def _open_sync(self) -> None:
