@@ -243,3 +243,26 @@ async def test_soak_counts_truncated_answers_and_readers_failing_before_the_clos
     assert storm.error_samples.get("call returned without completing", 0) > 0, storm.error_samples
     assert close.error_samples.get(
         "reader ended with ReadError before the close instead of SessionInvalidated", 0) > 0, close
+
+
+async def test_error_lines_in_a_gateways_log_are_collected(tmp_path: Path) -> None:
+    """What a gateway process logs as an error reaches the soak report (as stray warnings, which fail the
+    run): here a gateway that cannot start because its store is in use."""
+    from sidechain.gateway.eventlog import SqliteEventLog
+    from sidechain.gateway.testing import GatewayProcess
+    from sidechain.soak.runner import _collect_errors
+
+    store = tmp_path / "gw.sqlite3"
+    holder = SqliteEventLog(str(store), retention=10)
+    await holder.open(lambda events: None)
+    gp = GatewayProcess("--no-access-log", store=f"sqlite:{store}")
+    try:
+        with pytest.raises(RuntimeError):
+            await gp.start()
+        problems: list[str] = []
+        _collect_errors("paced", gp, problems)
+        assert problems and all(p.startswith("[gateway paced] ") for p in problems), problems
+        assert any("Application startup failed" in p for p in problems), problems
+    finally:
+        await gp.close()
+        await holder.close()

@@ -18,6 +18,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from ..client import EventStreamClient, GatewayHTTPClient
+from ..gateway.testing import GatewayProcess
 from .context import FULL, QUICK, SoakContext, Targets
 from .model import ScenarioResult, SoakReport
 from .probes import (
@@ -121,11 +122,12 @@ async def run_soak(options: SoakOptions) -> SoakReport:
     say = _progress_printer(options.progress, started)
     report = SoakReport(mode="quick" if options.quick else "full",
                         target=options.url or "gateway subprocesses on 127.0.0.1", loop=_loop_name())
+    gateway_problems: list[str] = []
     debug = _debug_mode()
     with WarningSink() as sink, GcPauses() as gc_pauses:
         async with contextlib.AsyncExitStack() as stack:
             needed = {g for n in options.scenarios for g in SCENARIOS[n].gateways}
-            targets = await start_targets(stack, options.url, needed, say)
+            targets = await start_targets(stack, options.url, needed, say, gateway_problems)
             ctx = SoakContext(targets, sizes, random.Random(options.seed), say, quick=options.quick,
                               gc_pauses=gc_pauses, flush_warnings=sink.flush)
             await warm_up(ctx, needed)
@@ -149,6 +151,8 @@ async def run_soak(options: SoakOptions) -> SoakReport:
         "asyncio_debug": debug,
         "asyncio_slow_callbacks": sink.slow_callbacks,
     }
+    # what the gateways logged as an error (read at the end, before they stop) fails the run as well
+    report.stray_warnings.extend(gateway_problems)
     for tally in (before, sink.between, after):
         report.stray_warnings.extend(f"[{w.source}] {w.short()}" for w in tally.samples)
         if tally.unexpected > len(tally.samples):
@@ -168,12 +172,12 @@ def _debug_mode() -> bool:
 
 
 async def start_targets(stack: contextlib.AsyncExitStack, url: str | None, needed: set[str],
-                         say: Callable[[str], None]) -> Targets:
+                         say: Callable[[str], None], problems: list[str] | None = None) -> Targets:
+    """Start the gateway processes the scenarios need (or use ``url``). When they stop, the error lines
+    of their logs (``ERROR``, ``Traceback``) are appended to ``problems``."""
     if url is not None:
         base = url.rstrip("/")
         return Targets(base, base, base, external=True)
-    from ..gateway.testing import GatewayProcess
-
     urls: dict[str, str] = {}
     pids: dict[str, int] = {}
     for name in ("paced", "slow", "fast"):
@@ -181,6 +185,8 @@ async def start_targets(stack: contextlib.AsyncExitStack, url: str | None, neede
             continue
         gp = GatewayProcess(*GATEWAY_ARGS[name], "--no-access-log", store="memory")
         stack.push_async_callback(gp.close)
+        if problems is not None:  # runs before the close above (the stack unwinds last in, first out)
+            stack.callback(_collect_errors, name, gp, problems)
         urls[name] = await gp.start()
         if gp.proc is not None:
             pids[name] = gp.proc.pid
@@ -188,6 +194,13 @@ async def start_targets(stack: contextlib.AsyncExitStack, url: str | None, neede
     fallback = next(iter(urls.values()), "http://127.0.0.1:9")
     return Targets(urls.get("paced", fallback), urls.get("slow", fallback), urls.get("fast", fallback),
                    pids=pids)
+
+
+def _collect_errors(name: str, gp: GatewayProcess, problems: list[str]) -> None:
+    lines = [line for line in gp.output().splitlines() if " ERROR " in line or line.startswith("Traceback")]
+    problems.extend(f"[gateway {name}] {line[:300]}" for line in lines[:5])
+    if len(lines) > 5:
+        problems.append(f"[gateway {name}] ... and {len(lines) - 5} more error lines")
 
 
 async def warm_up(ctx: SoakContext, needed: set[str]) -> None:
