@@ -35,7 +35,7 @@ from sidechain import (
     loops,
 )
 from sidechain.cli import main as cli_main
-from sidechain.client.sessions import CONNECTOR, DirectConnector, _single_address
+from sidechain.client.sessions import CONNECTOR, DirectConnector, _selector_connect, _single_address
 from sidechain.loops import resolve_loop
 
 LOOPS = ["asyncio", "uvloop"]
@@ -305,3 +305,40 @@ def test_cli_rejects_an_unknown_loop(
     assert "unknown event loop 'bogus'" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         cli_main(["soak", "--loop", "bogus"])  # argparse: not one of the choices
+
+
+def test_selector_connect_waits_only_for_a_handshake_still_going_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On the standard loop a loopback handshake is done inside ``connect()``: no wait for writability.
+    A handshake that is still going on (a full accept queue) is awaited as asyncio does, and a
+    refused one raises the errno's own ``OSError``; every socket that is not returned is closed."""
+    waits: list[tuple[str, int]] = []
+    real = asyncio.selector_events.BaseSelectorEventLoop.sock_connect
+
+    async def spied(self: Any, sock: socket.socket, address: Any) -> None:
+        waits.append(address)
+        await real(self, sock, address)
+
+    monkeypatch.setattr(asyncio.selector_events.BaseSelectorEventLoop, "sock_connect", spied)
+
+    async def body() -> None:
+        waits.clear()  # run_on's own refused connect went through asyncio's sock_connect
+        loop = asyncio.get_running_loop()
+        with socket.socket() as server:
+            server.bind(("127.0.0.1", 0))
+            server.listen(8)
+            port = server.getsockname()[1]
+            sock = await _selector_connect(loop, socket.AF_INET, 0, "127.0.0.1", port)
+            with sock:
+                assert sock.getpeername() == ("127.0.0.1", port)
+                assert not sock.getblocking()
+            assert waits == []
+        with pytest.raises(ConnectionRefusedError):
+            await _selector_connect(loop, socket.AF_INET, 0, "127.0.0.1", closed_port())
+        assert waits == []
+        with unanswered_port() as port:
+            with pytest.raises(TimeoutError):
+                async with asyncio.timeout(0.1):
+                    await _selector_connect(loop, socket.AF_INET, 0, "127.0.0.1", port)
+            assert waits == [("127.0.0.1", port)]
+
+    run_on("asyncio", body)
