@@ -6,6 +6,7 @@ import asyncio
 import json
 import os
 import sys
+from pathlib import Path
 
 from sidechain import Conversation
 from sidechain.gateway.testing import running_gateway
@@ -145,3 +146,19 @@ def test_serve_options_map_onto_the_gateway_config() -> None:
     assert (config.btw_grace, config.conversation_idle_evict) == (1.5, 0.0)
     default = config_from_args(build_parser().parse_args(["serve", "--store", "memory"]))
     assert default.store_timeout == 10.0
+
+
+async def test_serve_that_cannot_start_says_why_in_one_line(tmp_path: Path) -> None:
+    """A store that cannot open: exit 1, the cause on the last line, no traceback unless asked for."""
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_bytes(b"x")
+    store = f"sqlite:{blocker}/events.db"
+    code, _out, err = await run_cli("serve", "--port", "0", "--store", store)
+    assert code == 1, err
+    last = err.splitlines()[-1]
+    assert last.startswith("sidechain serve: the gateway failed to start: FileExistsError:"), err
+    assert "Traceback" not in err
+    assert "ERROR uvicorn.error: FileExistsError: [Errno 17]" in err  # the server's own log line, one line
+    code, _out, err = await run_cli("serve", "--port", "0", "--store", store, "--log-level", "debug")
+    assert code == 1, err
+    assert "Traceback (most recent call last)" in err and "os.makedirs" in err

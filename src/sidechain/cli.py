@@ -74,6 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="seconds a request waits for the store to confirm writes before a 503 (default 10)")
     srv.add_argument("--cors-origin", action="append", default=[], help="allow this origin (repeatable)")
     srv.add_argument("--no-access-log", action="store_true", help="do not log one line per request")
+    srv.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
+                     help="log messages from this level up (default info; debug adds the traceback of a "
+                     "failed start)")
     srv.set_defaults(func=_cmd_serve)
     from .commands import add_client_commands
 

@@ -153,6 +153,35 @@ def _loggable_path(scope: Scope) -> str:
     return str(scope["path"]).encode("unicode_escape").decode("ascii")
 
 
+class StartupFailureMessage:
+    """Turns the traceback a failed lifespan startup reports to the server into one line.
+
+    Starlette sends the whole traceback in ``lifespan.startup.failed`` and uvicorn logs it at ERROR,
+    which buried the cause of an expected failure (a store that cannot open, or is in use) under
+    thirty lines. The cause (:attr:`Gateway.startup_error`) is sent instead, as
+    ``TypeName: message``; the traceback goes to the ``sidechain.gateway`` logger at DEBUG. A failure
+    that is not the gateway's own start keeps its traceback.
+    """
+
+    def __init__(self, app: ASGIApp, gateway: Gateway) -> None:
+        self.app = app
+        self.gateway = gateway
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "lifespan":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_wrapper(message: Message) -> None:
+            cause = self.gateway.startup_error
+            if message["type"] == "lifespan.startup.failed" and cause is not None:
+                log.debug("the gateway failed to start", exc_info=cause)
+                message = {**message, "message": f"{type(cause).__name__}: {cause}"}
+            await send(message)
+
+        await self.app(scope, receive, send_wrapper)
+
+
 class AccessLogMiddleware:
     """Logs one line per HTTP request when it ends: client, method, path, status, duration, bytes."""
 
@@ -458,7 +487,10 @@ def create_app(config: GatewayConfig, *, gateway: Gateway | None = None) -> Star
         Route(cid + "/btw", post_btw, methods=["POST"]),
         Route(cid + "/btw/{btw_id}", btw_resource, methods=["GET", "DELETE"]),
     ]
-    middleware = [Middleware(AccessLogMiddleware, gateway=gw, enabled=config.access_log)]
+    middleware = [
+        Middleware(StartupFailureMessage, gateway=gw),
+        Middleware(AccessLogMiddleware, gateway=gw, enabled=config.access_log),
+    ]
     if config.cors_origins:
         middleware.append(
             Middleware(

@@ -191,9 +191,9 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
 
 def serve_main(args: argparse.Namespace) -> int:
     """``sidechain serve``: configure logging, build the config, run. Exit status 2 for a bad config."""
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
-    )
+    level = getattr(logging, str(getattr(args, "log_level", "info")).upper())
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr)
     try:
         config = config_from_args(args)
         resolve_token(config)[0].validate()  # the token itself is generated (and printed) by run()
