@@ -25,7 +25,10 @@ from .app import create_app
 from .config import GatewayConfig, default_store_spec
 from .service import Gateway
 
-__all__ = ["GatewayServer", "GatewayStartupError", "config_from_args", "run", "serve_main", "uvicorn_config"]
+__all__ = [
+    "GatewayServer", "GatewayStartupError", "config_from_args", "listening_socket", "run", "serve_main",
+    "uvicorn_config",
+]
 
 log = logging.getLogger("sidechain.gateway")
 
@@ -154,13 +157,34 @@ def run(config: GatewayConfig, *, out: TextIO | None = None) -> int:
     def announce(url: str) -> None:
         print(f"sidechain gateway listening on {url}", file=stream, flush=True)
 
+    try:
+        sock = listening_socket(config.host, config.port)
+    except OSError as exc:
+        print(f"sidechain serve: the gateway failed to start: cannot listen on {config.host}:{config.port}: "
+              f"{exc.strerror or exc}", file=sys.stderr)
+        return 1
     server = GatewayServer(uvicorn_config(app, config), gateway, on_listening=announce)
     try:
-        server.run()
+        server.run(sockets=[sock])
     except GatewayStartupError as exc:
         print(f"sidechain serve: {exc}", file=sys.stderr)
         return 1
+    finally:
+        sock.close()
     return 0
+
+
+def listening_socket(host: str, port: int) -> socket.socket:
+    """The server's socket, bound before anything starts (as uvicorn binds it, ``SO_REUSEADDR``), so a
+    taken port is reported with its cause and before the store is opened. ``OSError`` if it cannot."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
 
 
 def config_from_args(args: argparse.Namespace) -> GatewayConfig:
