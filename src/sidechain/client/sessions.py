@@ -16,6 +16,7 @@ import warnings
 import weakref
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 import aiohttp
 from aiohttp.client_proto import ResponseHandler
@@ -30,6 +31,7 @@ from ..errors import (
     SidechainError,
 )
 from .finalize import DropHandle, detach, on_drop
+from .resolver import SHARED_RESOLVER
 
 if TYPE_CHECKING:  # pragma: no cover
     from .safe_stream import SafeByteStream
@@ -53,6 +55,22 @@ def map_request_error(exc: BaseException, *, connect_timeout: float | None, read
     if isinstance(exc, aiohttp.ClientError | OSError):
         return ReadError(f"connection broke before the response headers: {exc or type(exc).__name__}")
     return ReadError(f"request failed: {exc!r}")
+
+
+def _request_error(exc: BaseException, url: str, *, connect_timeout: float | None, read_timeout: float | None
+                   ) -> SidechainError:
+    """:func:`map_request_error`; a connection that could not be made also makes the shared resolver
+    forget the host, so the next call looks it up again (it may have moved)."""
+    error = map_request_error(exc, connect_timeout=connect_timeout, read_timeout=read_timeout)
+    if isinstance(error, ConnectError | ConnectTimeout):
+        host = urlsplit(url).hostname or ""
+        if not host.isascii():
+            try:
+                host = host.encode("idna").decode("ascii")  # what aiohttp resolves
+            except UnicodeError:
+                pass
+        SHARED_RESOLVER.forget(host.rstrip("."))
+    return error
 
 
 _NO_TOTAL_TIMEOUT = aiohttp.ClientTimeout(total=None)
@@ -229,6 +247,9 @@ class Session:
                 limit=self._limit,
                 limit_per_host=self._limit_per_host,
                 keepalive_timeout=None if self.dedicated else self._keepalive,
+                # names are resolved once for every session (a dedicated one's own cache lived one call)
+                resolver=SHARED_RESOLVER,
+                use_dns_cache=False,
             )
             self._client = aiohttp.ClientSession(
                 connector=connector,
@@ -307,14 +328,14 @@ class Session:
                     if limit.expired():
                         raise deadline_error or ConnectTimeout("deadline passed while connecting",
                                                                timeout=connect_timeout) from exc
-                    raise map_request_error(exc, connect_timeout=connect_timeout, read_timeout=read_timeout
-                                            ) from exc
+                    raise _request_error(exc, url, connect_timeout=connect_timeout, read_timeout=read_timeout
+                                         ) from exc
                 except Exception as exc:
                     if self._closed:
                         raise SessionInvalidated("the session was closed while a request was connecting"
                                                  ) from exc
-                    raise map_request_error(exc, connect_timeout=connect_timeout, read_timeout=read_timeout
-                                            ) from exc
+                    raise _request_error(exc, url, connect_timeout=connect_timeout, read_timeout=read_timeout
+                                         ) from exc
             task: asyncio.Task[aiohttp.ClientResponse] = loop.create_task(
                 _send(client, method, url, data, headers, timeout)
             )
@@ -337,8 +358,8 @@ class Session:
                 try:
                     return task.result()
                 except Exception as exc:
-                    raise map_request_error(exc, connect_timeout=connect_timeout, read_timeout=read_timeout
-                                            ) from exc
+                    raise _request_error(exc, url, connect_timeout=connect_timeout, read_timeout=read_timeout
+                                         ) from exc
             await _abandon(task)
             raise deadline_error or ConnectTimeout("deadline passed while connecting",
                                                    timeout=connect_timeout)
