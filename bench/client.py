@@ -308,6 +308,8 @@ class TTFEVariants:
         self.path = _path("b", SHORT_N)
         self.url = base + self.path
         self.client = GatewayHTTPClient(base)
+        # the same server under a name: what a dedicated call costs when the URL needs a DNS lookup
+        self.named_client = GatewayHTTPClient(base.replace("127.0.0.1", "localhost"))
         self.sc_pool: Any = None
         self.aio_pool: Any = None
         self.httpx_pool: Any = None
@@ -366,11 +368,12 @@ class TTFEVariants:
         first = await self._raw(*self.raw_conn, t0)
         return first, time.perf_counter() - t0
 
-    async def _sidechain(self, session: Any) -> tuple[float, float]:
+    async def _sidechain(self, session: Any, client: Any = None) -> tuple[float, float]:
+        client = client or self.client
         t0 = time.perf_counter()
         first = 0.0
         count = 0
-        async with self.client.stream_post(self.path, BODY, session=session) as events:
+        async with client.stream_post(self.path, BODY, session=session) as events:
             async for _ev in events:
                 count += 1
                 if count == 1:
@@ -385,6 +388,12 @@ class TTFEVariants:
 
     async def sidechain_pooled(self) -> tuple[float, float]:
         return await self._sidechain(self.sc_pool)
+
+    async def sidechain_named_dedicated(self) -> tuple[float, float]:
+        return await self._sidechain(None, self.named_client)
+
+    async def sidechain_named_pooled(self) -> tuple[float, float]:
+        return await self._sidechain(self.sc_pool, self.named_client)
 
     async def _aiohttp(self, session: Any, t0: float) -> tuple[float, bytes]:
         async with session.post(self.url, json=BODY) as resp:
@@ -440,6 +449,8 @@ class TTFEVariants:
 TTFE_VARIANTS = (
     ("sidechain dedicated (default)", "sidechain_dedicated", "sidechain", True),
     ("sidechain pooled Session", "sidechain_pooled", "sidechain", False),
+    ("sidechain dedicated, URL http://localhost", "sidechain_named_dedicated", "sidechain, localhost", True),
+    ("sidechain pooled, URL http://localhost", "sidechain_named_pooled", "sidechain, localhost", False),
     ("aiohttp fresh ClientSession", "aiohttp_fresh", "aiohttp", True),
     ("aiohttp pooled ClientSession", "aiohttp_pooled", "aiohttp", False),
     ("httpx-sse fresh AsyncClient", "httpx_fresh", "httpx", True),
@@ -549,7 +560,7 @@ def _report_ttfe(tt: dict[str, dict[str, Any]], loop: str) -> tuple[dict[str, An
               f"| {row['total_median_ms']:.3f} |")
     print("\n| library | dedicated/fresh ÷ pooled, median | p99 | target |")
     print("| --- | ---: | ---: | --- |")
-    for lib in ("sidechain", "aiohttp", "httpx", "raw asyncio"):
+    for lib in ("sidechain", "sidechain, localhost", "aiohttp", "httpx", "raw asyncio"):
         fresh = next(v[0] for v in TTFE_VARIANTS if v[2] == lib and v[3])
         pooled = next(v[0] for v in TTFE_VARIANTS if v[2] == lib and not v[3])
         r_med = figures["ttfe"][fresh]["median_ms"] / figures["ttfe"][pooled]["median_ms"]
