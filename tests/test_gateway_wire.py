@@ -364,9 +364,13 @@ def test_serve_prints_a_generated_token_once(monkeypatch: pytest.MonkeyPatch) ->
     from sidechain.gateway import server
 
     ran: list[str | None] = []
-    monkeypatch.setattr(server.GatewayServer, "run", lambda self: ran.append(self.gateway.config.token))
+    monkeypatch.setattr(server.GatewayServer, "run",
+                        lambda self, sockets: ran.append(self.gateway.config.token))
+    real_listen = server.listening_socket
+    # the config says all interfaces (so a token is required); the socket only ever binds to loopback
+    monkeypatch.setattr(server, "listening_socket", lambda host, port: real_listen("127.0.0.1", 0))
     out = io.StringIO()
-    assert server.run(GatewayConfig(host="0.0.0.0", store="memory"), out=out) == 0  # never binds here
+    assert server.run(GatewayConfig(host="0.0.0.0", store="memory"), out=out) == 0  # never listens
     (token,) = ran
     assert token and out.getvalue() == f"sidechain gateway token (generated, shown once): {token}\n"
     out = io.StringIO()
