@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -364,13 +365,9 @@ def test_serve_prints_a_generated_token_once(monkeypatch: pytest.MonkeyPatch) ->
     from sidechain.gateway import server
 
     ran: list[str | None] = []
-    monkeypatch.setattr(server.GatewayServer, "run",
-                        lambda self, sockets: ran.append(self.gateway.config.token))
-    real_listen = server.listening_socket
-    # the config says all interfaces (so a token is required); the socket only ever binds to loopback
-    monkeypatch.setattr(server, "listening_socket", lambda host, port: real_listen("127.0.0.1", 0))
+    monkeypatch.setattr(server.GatewayServer, "run", lambda self: ran.append(self.gateway.config.token))
     out = io.StringIO()
-    assert server.run(GatewayConfig(host="0.0.0.0", store="memory"), out=out) == 0  # never listens
+    assert server.run(GatewayConfig(host="0.0.0.0", store="memory"), out=out) == 0  # never binds here
     (token,) = ran
     assert token and out.getvalue() == f"sidechain gateway token (generated, shown once): {token}\n"
     out = io.StringIO()
@@ -555,3 +552,34 @@ def test_settings_must_be_finite() -> None:
         for bad in (float("nan"), float("inf")):
             with pytest.raises(ValueError, match=f"{field} must be a finite number"):
                 GatewayConfig(**{field: bad}).validate()
+
+
+@pytest.mark.parametrize(("error", "one_line"), [
+    (PermissionError(13, "Permission denied"), True),  # outside the program: said in one line
+    (KeyError("turn_id"), False),  # a bug: keeps its traceback
+])
+async def test_a_failed_start_is_one_line_unless_it_is_a_bug(
+    error: BaseException, one_line: bool, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from sidechain.gateway.server import GatewayServer, GatewayStartupError, uvicorn_config
+    from sidechain.gateway.service import Gateway
+
+    async def failing_start(self: Gateway) -> None:
+        raise error
+
+    monkeypatch.setattr(Gateway, "start", failing_start)  # the fault: the store, or a bug, at start
+    config = GatewayConfig(port=0, store="memory")
+    app = gateway_app.create_app(config)
+    server = GatewayServer(uvicorn_config(app, config), app.state.gateway)
+    with caplog.at_level(logging.INFO), pytest.raises(GatewayStartupError) as failed:
+        await server.serve()
+    expected = f"{type(error).__name__}: {error}"
+    assert str(failed.value) == f"the gateway failed to start: {expected}"
+    logged = [r.getMessage() for r in caplog.records
+              if r.name == "uvicorn.error" and r.levelno == logging.ERROR]
+    if one_line:
+        assert logged[0] == expected, logged
+    else:
+        assert logged[0].startswith("Traceback (most recent call last)"), logged
+        assert "failing_start" in logged[0], logged
+    assert not server.listening.is_set()

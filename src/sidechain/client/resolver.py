@@ -5,18 +5,22 @@ every dedicated call to ``http://localhost:8765`` used to run ``getaddrinfo`` in
 it could connect: on the standard loop that doubled its time to first event (bench/README.md). The
 issue's rule for dedicated sessions is to share what is safe to share (SSL context, resolver,
 settings) and never a connection; a resolution is plain data, so :data:`SHARED_RESOLVER` keeps it for
-every session and every loop (no loop object is held, so nothing keeps a closed loop alive).
+every session, every loop and every thread.
 
 The rules are aiohttp's own cache's: an entry lives ``ttl`` seconds (10, aiohttp's default), its
-addresses are handed out in turn (round robin), and the lookup itself is aiohttp's default resolver.
-Added: a connection that could not be made to any of a name's addresses forgets that name, so the next
-call looks it up again, and the cache holds at most ``max_hosts`` names.
+addresses are handed out in turn (round robin), the lookup itself is aiohttp's default resolver, and
+concurrent calls for a name not in the cache share one lookup, which a cancelled caller does not cancel
+(it still fills the cache). Added: a connection that could not be made makes the name forgotten, so the
+next call looks it up again, and the cache holds at most ``max_hosts`` names.
 """
 
 from __future__ import annotations
 
+import asyncio
 import socket
+import threading
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -24,6 +28,8 @@ import aiohttp
 from aiohttp.abc import AbstractResolver, ResolveResult
 
 __all__ = ["SHARED_RESOLVER", "SharedResolver"]
+
+_Key = tuple[str, int, int]  # (host, port, family)
 
 
 @dataclass(slots=True)
@@ -36,8 +42,9 @@ class _Entry:
 class SharedResolver(AbstractResolver):
     """A DNS cache shared by sessions, in front of a fresh ``aiohttp.DefaultResolver`` per lookup.
 
-    A failed lookup raises as aiohttp's resolver raised it and is not cached. ``lookups`` counts the
-    lookups made (cache misses).
+    Safe to use from several event loops and threads at once. A failed lookup raises as aiohttp's
+    resolver raised it (a lookup that found no address raises ``OSError``) and is not cached.
+    ``lookups`` counts the lookups made (cache misses).
     """
 
     def __init__(
@@ -54,37 +61,70 @@ class SharedResolver(AbstractResolver):
         self.max_hosts = max_hosts
         self._clock = clock
         self._lookup = lookup  # makes the resolver a lookup runs on (closed after it)
-        self._cache: dict[tuple[str, int, int], _Entry] = {}  # (host, port, family) -> entry
-        self.lookups = 0  # lookups made (cache misses), for tests and metrics
+        self._lock = threading.Lock()  # no await is ever made while holding it
+        self._cache: dict[_Key, _Entry] = {}
+        # lookups in flight, per loop (weakly: a loop closed in the middle of one is not kept alive)
+        self._inflight: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop,
+                                                  dict[_Key, asyncio.Task[list[ResolveResult]]]]
+        self._inflight = weakref.WeakKeyDictionary()
+        self.lookups = 0
 
     async def resolve(self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
                       ) -> list[ResolveResult]:
         key = (host, port, int(family))
-        entry = self._cache.get(key)
-        if entry is not None and entry.expires > self._clock():
-            addrs, index = entry.addrs, entry.next
-            entry.next = (index + 1) % len(addrs)
-            return addrs[index:] + addrs[:index]
-        self.lookups += 1
+        loop = asyncio.get_running_loop()
+        with self._lock:
+            entry = self._cache.get(key)
+            if entry is not None and entry.expires > self._clock():
+                addrs, index = entry.addrs, entry.next
+                entry.next = (index + 1) % len(addrs)
+                return addrs[index:] + addrs[:index]
+            pending = self._inflight.setdefault(loop, {})
+            task = pending.get(key)
+            if task is None:
+                self.lookups += 1
+                task = loop.create_task(self._look_up(key, family))
+                pending[key] = task
+                task.add_done_callback(lambda done: self._finished(loop, key, done))
+        # shielded: one caller cancelled does not cancel the others' lookup (nor the cache's fill)
+        return list(await asyncio.shield(task))
+
+    async def _look_up(self, key: _Key, family: socket.AddressFamily) -> list[ResolveResult]:
         resolver = self._lookup()
         try:
-            addrs = await resolver.resolve(host, port, family=family)
+            addrs = await resolver.resolve(key[0], key[1], family=family)
         finally:
             await resolver.close()
-        if addrs and self.ttl > 0:
-            self._cache.pop(key, None)
-            while len(self._cache) >= self.max_hosts:
-                del self._cache[next(iter(self._cache))]  # the oldest lookup
-            self._cache[key] = _Entry(self._clock() + self.ttl, list(addrs), 1 % len(addrs))
+        if not addrs:
+            raise OSError(f"no address found for {key[0]!r}")
+        if self.ttl > 0:
+            with self._lock:
+                self._cache.pop(key, None)
+                while len(self._cache) >= self.max_hosts:
+                    self._cache.pop(next(iter(self._cache)), None)  # the oldest lookup
+                self._cache[key] = _Entry(self._clock() + self.ttl, list(addrs), 1 % len(addrs))
         return list(addrs)
 
+    def _finished(self, loop: asyncio.AbstractEventLoop, key: _Key,
+                  task: asyncio.Task[list[ResolveResult]]) -> None:
+        with self._lock:
+            pending = self._inflight.get(loop)
+            if pending is not None and pending.get(key) is task:
+                del pending[key]
+        if not task.cancelled():
+            task.exception()  # retrieved: every caller may have gone (cancelled) before it ended
+
     def forget(self, host: str) -> None:
-        """Drop what ``host`` resolved to (every port and family): the next call looks it up again."""
-        for key in [k for k in self._cache if k[0] == host]:
-            self._cache.pop(key, None)
+        """Drop what ``host`` resolved to, for every port and family, with or without trailing dots:
+        the next call looks it up again."""
+        bare = host.rstrip(".")
+        with self._lock:
+            for key in [k for k in self._cache if k[0].rstrip(".") == bare]:
+                self._cache.pop(key, None)
 
     def clear(self) -> None:
-        self._cache.clear()
+        with self._lock:
+            self._cache.clear()
 
     async def close(self) -> None:
         """Nothing to close: each lookup's resolver is closed after it (sessions share this one)."""

@@ -11,14 +11,15 @@ from __future__ import annotations
 import asyncio
 import errno
 import inspect
+import os
 import socket
 import warnings
 import weakref
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit
 
 import aiohttp
+import yarl
 from aiohttp.client_proto import ResponseHandler
 
 from ..errors import (
@@ -63,14 +64,15 @@ def _request_error(exc: BaseException, url: str, *, connect_timeout: float | Non
     forget the host, so the next call looks it up again (it may have moved)."""
     error = map_request_error(exc, connect_timeout=connect_timeout, read_timeout=read_timeout)
     if isinstance(error, ConnectError | ConnectTimeout):
-        host = urlsplit(url).hostname or ""
-        if not host.isascii():
-            try:
-                host = host.encode("idna").decode("ascii")  # what aiohttp resolves
-            except UnicodeError:
-                pass
-        SHARED_RESOLVER.forget(host.rstrip("."))
+        _forget_host(url)
     return error
+
+
+def _forget_host(url: str) -> None:
+    # yarl's host, as aiohttp resolves it (IDNA 2008); trailing dots are ignored by forget()
+    host = yarl.URL(url).raw_host
+    if host:
+        SHARED_RESOLVER.forget(host)
 
 
 _NO_TOTAL_TIMEOUT = aiohttp.ClientTimeout(total=None)
@@ -113,7 +115,13 @@ class DirectConnector(aiohttp.TCPConnector):
             async with asyncio.timeout(limit):
                 if isinstance(loop, asyncio.selector_events.BaseSelectorEventLoop):
                     sock = await _selector_connect(loop, family, proto, host, port)
-                    made = await loop.create_connection(*args, sock=sock, **kwargs)
+                    try:
+                        made = await loop.create_connection(*args, sock=sock, **kwargs)
+                    except BaseException:
+                        # closed by its transport if one was made; else it would leak (closing twice
+                        # is a no-op, and a closing transport no longer touches the fd)
+                        sock.close()
+                        raise
                 else:
                     made = await loop.create_connection(
                         *args, host=host, port=port, family=family, proto=proto, **kwargs
@@ -148,10 +156,12 @@ async def _selector_connect(loop: asyncio.AbstractEventLoop, family: int, proto:
             err = sock.connect_ex(address)
             if err == errno.EISCONN:
                 err = 0
+            elif err and err not in _IN_PROGRESS:  # the handshake failed: as asyncio words it then
+                raise OSError(err, f"Connect call failed {address}")
+        elif err:  # connect() itself failed (unreachable, ...): the socket's own error, as in asyncio
+            raise OSError(err, os.strerror(err))
         if err in _IN_PROGRESS:
             await loop.sock_connect(sock, address)
-        elif err:
-            raise OSError(err, f"Connect call failed {address}")  # as asyncio words it
     except BaseException:
         sock.close()
         raise
@@ -326,6 +336,7 @@ class Session:
                     # expired(), not a clock comparison: uvloop's timers may fire a little before
                     # loop.time() reaches the deadline (millisecond ticks)
                     if limit.expired():
+                        _forget_host(url)  # the address may be one that no longer answers
                         raise deadline_error or ConnectTimeout("deadline passed while connecting",
                                                                timeout=connect_timeout) from exc
                     raise _request_error(exc, url, connect_timeout=connect_timeout, read_timeout=read_timeout
@@ -361,6 +372,7 @@ class Session:
                     raise _request_error(exc, url, connect_timeout=connect_timeout, read_timeout=read_timeout
                                          ) from exc
             await _abandon(task)
+            _forget_host(url)
             raise deadline_error or ConnectTimeout("deadline passed while connecting",
                                                    timeout=connect_timeout)
         finally:

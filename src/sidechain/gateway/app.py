@@ -28,7 +28,7 @@ from .config import GatewayConfig
 from .conversations import Conversation
 from .errors import BadRequest, GatewayError, NotFound, PayloadTooLarge, ServiceUnavailable
 from .models import parse_model_spec
-from .service import Gateway
+from .service import EXPECTED_STARTUP_ERRORS, Gateway, describe_error
 from .streaming import BtwStreamResponse, EventStreamResponse
 
 __all__ = ["create_app"]
@@ -158,9 +158,9 @@ class StartupFailureMessage:
 
     Starlette sends the whole traceback in ``lifespan.startup.failed`` and uvicorn logs it at ERROR,
     which buried the cause of an expected failure (a store that cannot open, or is in use) under
-    thirty lines. The cause (:attr:`Gateway.startup_error`) is sent instead, as
-    ``TypeName: message``; the traceback goes to the ``sidechain.gateway`` logger at DEBUG. A failure
-    that is not the gateway's own start keeps its traceback.
+    thirty lines. For the gateway's own start failing with one of :data:`EXPECTED_STARTUP_ERRORS`,
+    the cause is sent instead, as ``TypeName: message``, and the traceback goes to the
+    ``sidechain.gateway`` logger at DEBUG. Any other failure (a bug) keeps its traceback.
     """
 
     def __init__(self, app: ASGIApp, gateway: Gateway) -> None:
@@ -174,9 +174,9 @@ class StartupFailureMessage:
 
         async def send_wrapper(message: Message) -> None:
             cause = self.gateway.startup_error
-            if message["type"] == "lifespan.startup.failed" and cause is not None:
+            if message["type"] == "lifespan.startup.failed" and isinstance(cause, EXPECTED_STARTUP_ERRORS):
                 log.debug("the gateway failed to start", exc_info=cause)
-                message = {**message, "message": f"{type(cause).__name__}: {cause}"}
+                message = {**message, "message": describe_error(cause)}
             await send(message)
 
         await self.app(scope, receive, send_wrapper)

@@ -23,18 +23,26 @@ from starlette.applications import Starlette
 
 from .app import create_app
 from .config import GatewayConfig, default_store_spec
-from .service import Gateway
+from .service import Gateway, describe_error
 
-__all__ = [
-    "GatewayServer", "GatewayStartupError", "config_from_args", "listening_socket", "run", "serve_main",
-    "uvicorn_config",
-]
+__all__ = ["GatewayServer", "GatewayStartupError", "config_from_args", "run", "serve_main", "uvicorn_config"]
 
 log = logging.getLogger("sidechain.gateway")
 
 
 class GatewayStartupError(RuntimeError):
     """The server could not start (port in use, store cannot open, ...); the cause is chained."""
+
+
+class _ErrorRecords(logging.Handler):
+    """Keeps the messages of the ERROR records logged while it is attached."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
 
 
 class GatewayServer(uvicorn.Server):
@@ -56,12 +64,23 @@ class GatewayServer(uvicorn.Server):
         self._on_listening = on_listening
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        # uvicorn logs why it could not bind (then exits): kept, to say it on the last line too
+        errors = _ErrorRecords()
+        uvicorn_log = logging.getLogger("uvicorn.error")
+        uvicorn_log.addHandler(errors)
         try:
             await super().startup(sockets)
         except SystemExit as exc:  # uvicorn exits the process on startup failure; make it an error
             cause = self.gateway.startup_error
-            why = f": {type(cause).__name__}: {cause}" if cause is not None else f" (uvicorn exit {exc.code})"
+            if cause is not None:
+                why = f": {describe_error(cause)}"
+            elif errors.messages:
+                why = f": {errors.messages[-1]}"
+            else:
+                why = f" (uvicorn exit {exc.code})"
             raise GatewayStartupError(f"the gateway failed to start{why}") from None
+        finally:
+            uvicorn_log.removeHandler(errors)
         if self.started:
             sock = self.servers[0].sockets[0]
             host, port = sock.getsockname()[:2]
@@ -157,34 +176,13 @@ def run(config: GatewayConfig, *, out: TextIO | None = None) -> int:
     def announce(url: str) -> None:
         print(f"sidechain gateway listening on {url}", file=stream, flush=True)
 
-    try:
-        sock = listening_socket(config.host, config.port)
-    except OSError as exc:
-        print(f"sidechain serve: the gateway failed to start: cannot listen on {config.host}:{config.port}: "
-              f"{exc.strerror or exc}", file=sys.stderr)
-        return 1
     server = GatewayServer(uvicorn_config(app, config), gateway, on_listening=announce)
     try:
-        server.run(sockets=[sock])
+        server.run()
     except GatewayStartupError as exc:
         print(f"sidechain serve: {exc}", file=sys.stderr)
         return 1
-    finally:
-        sock.close()
     return 0
-
-
-def listening_socket(host: str, port: int) -> socket.socket:
-    """The server's socket, bound before anything starts (as uvicorn binds it, ``SO_REUSEADDR``), so a
-    taken port is reported with its cause and before the store is opened. ``OSError`` if it cannot."""
-    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((host, port))
-    except BaseException:
-        sock.close()
-        raise
-    return sock
 
 
 def config_from_args(args: argparse.Namespace) -> GatewayConfig:

@@ -7,6 +7,7 @@ import contextlib
 import logging
 import re
 import secrets
+import sqlite3
 import time
 from collections.abc import AsyncIterator, Sequence
 from types import TracebackType
@@ -17,10 +18,24 @@ from .config import GatewayConfig
 from .conversations import Conversation, Subscription
 from .errors import NotFound, ServiceUnavailable
 from .eventlog import ConversationRecord, EventLog, StoredEvent, open_event_log
+from .eventlog.base import StoreClosed, StoreInUse
 from .metrics import Metrics
 from .models import ModelBackend, build_model
 
 __all__ = ["Gateway", "new_conversation_id"]
+
+
+#: What a start may fail with for a reason outside the program (a path, a port, a store in use, a
+#: setting): said in one line. Anything else is a bug and keeps its traceback.
+EXPECTED_STARTUP_ERRORS: tuple[type[BaseException], ...] = (
+    OSError, ValueError, sqlite3.Error, StoreInUse, StoreClosed,
+)
+
+
+def describe_error(exc: BaseException) -> str:
+    """``TypeName: message``, or only ``TypeName`` for an error without a message."""
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 log = logging.getLogger("sidechain.gateway")
 
@@ -69,6 +84,7 @@ class Gateway:
         self.startup_error: BaseException | None = None
 
     async def __aenter__(self) -> Gateway:
+        self.startup_error = None
         try:
             await self.start()
         except Exception as exc:
