@@ -114,12 +114,13 @@ def check(name: str, out: Outcome, n: int) -> None:
 
 # -- throughput clients ---------------------------------------------------------------------------------
 # Each consumes the whole stream at ``url`` (``base + path``) and returns what it saw. The per-event work
-# in every loop is the same: count, keep the last event, keep the data of event n/2.
+# in every loop is the same: count, keep the last event, keep the data of event n/2, and (in the untimed
+# verification round only) keep every event when ``keep`` is a list.
 
-StreamFn = Callable[[str, str, int], Awaitable[Outcome]]
+StreamFn = Callable[[str, str, int, list[Any] | None], Awaitable[Outcome]]
 
 
-async def run_sidechain(base: str, path: str, n: int) -> Outcome:
+async def run_sidechain(base: str, path: str, n: int, keep: list[Any] | None = None) -> Outcome:
     from sidechain.client import GatewayHTTPClient
 
     client = GatewayHTTPClient(base)
@@ -133,10 +134,12 @@ async def run_sidechain(base: str, path: str, n: int) -> Outcome:
             last = ev
             if count == k:
                 sample = ev.data
+            if keep is not None:
+                keep.append((ev.id, ev.event, ev.data))
     return Outcome(count, last and last.id, last and last.event, sample)
 
 
-async def run_httpx_sse(base: str, path: str, n: int) -> Outcome:
+async def run_httpx_sse(base: str, path: str, n: int, keep: list[Any] | None = None) -> Outcome:
     import httpx
     from httpx_sse import aconnect_sse
 
@@ -152,10 +155,12 @@ async def run_httpx_sse(base: str, path: str, n: int) -> Outcome:
             last = ev
             if count == k:
                 sample = ev.data
+            if keep is not None:
+                keep.append((ev.id, ev.event, ev.data))
     return Outcome(count, last and last.id, last and last.event, sample)
 
 
-async def run_aiohttp_sse_client(base: str, path: str, n: int) -> Outcome:
+async def run_aiohttp_sse_client(base: str, path: str, n: int, keep: list[Any] | None = None) -> Outcome:
     import aiohttp
     from aiohttp_sse_client.client import EventSource
 
@@ -171,12 +176,14 @@ async def run_aiohttp_sse_client(base: str, path: str, n: int) -> Outcome:
             last = ev
             if count == k:
                 sample = ev.data
+            if keep is not None:
+                keep.append((ev.last_event_id, ev.type, ev.data))
             if ev.type == "done":  # it would reconnect at the end of the body
                 break
     return Outcome(count, last and last.last_event_id, last and last.type, sample)
 
 
-async def run_launchdarkly(base: str, path: str, n: int) -> Outcome:
+async def run_launchdarkly(base: str, path: str, n: int, keep: list[Any] | None = None) -> Outcome:
     from ld_eventsource import AsyncSSEClient
 
     k = n // 2
@@ -189,10 +196,12 @@ async def run_launchdarkly(base: str, path: str, n: int) -> Outcome:
             last = ev
             if count == k:
                 sample = ev.data
+            if keep is not None:
+                keep.append((ev.id, ev.event, ev.data))
     return Outcome(count, last and last.id, last and last.event, sample)
 
 
-async def run_openai_decoder(base: str, path: str, n: int) -> Outcome:
+async def run_openai_decoder(base: str, path: str, n: int, keep: list[Any] | None = None) -> Outcome:
     from openai import DefaultAsyncHttpxClient
     from openai._streaming import SSEDecoder
 
@@ -208,10 +217,12 @@ async def run_openai_decoder(base: str, path: str, n: int) -> Outcome:
             last = ev
             if count == k:
                 sample = ev.data
+            if keep is not None:
+                keep.append((ev.id, ev.event, ev.data))
     return Outcome(count, last and last.id, last and last.event, sample)
 
 
-async def run_aiohttp_raw(base: str, path: str, n: int) -> Outcome:
+async def run_aiohttp_raw(base: str, path: str, n: int, keep: list[Any] | None = None) -> Outcome:
     import aiohttp
 
     nbytes = 0
@@ -219,6 +230,8 @@ async def run_aiohttp_raw(base: str, path: str, n: int) -> Outcome:
     async with aiohttp.ClientSession() as session, session.post(base + path, json=BODY) as resp:
         async for chunk in resp.content.iter_any():
             nbytes += len(chunk)
+            if keep is not None:
+                keep.append(chunk)
     return Outcome(nbytes=nbytes, tail=chunk[-200:])
 
 
@@ -264,11 +277,42 @@ def _path(mode: str, n: int) -> str:
     return f"/v1/stream?mode={mode}&n={n}"
 
 
+def verify_every_event(name: str, kept: list[Any], n: int) -> None:
+    """Raise unless ``kept`` is exactly the ``n`` events the server sent: (id, type, data) of each, in
+    order; for the byte-level reference, the body's exact bytes."""
+    if name == REFERENCE:
+        body = b"".join(kept)
+        expected = b"".join(event_bytes(i, n) for i in range(1, n + 1))
+        if body != expected:
+            at = next((i for i, (a, b) in enumerate(zip(body, expected, strict=False)) if a != b),
+                      min(len(body), len(expected)))
+            raise AssertionError(f"{name}: body differs from what was sent at byte {at}")
+        return
+    if len(kept) != n:
+        raise AssertionError(f"{name}: {len(kept)} events, expected {n}")
+    for i, (event_id, event, data) in enumerate(kept, start=1):
+        want = (str(i), "done" if i == n else "message.delta", event_data(i, n))
+        if (event_id, event, data) != want:
+            raise AssertionError(f"{name}: event {i} is {(event_id, event, data)!r}, expected {want!r}")
+
+
+async def verify_all(base: str, n: int) -> None:
+    """One untimed full-size run of every contender in every mode, checked event by event."""
+    for c in CONTENDERS:
+        for mode in MODES:
+            kept: list[Any] = []
+            out = await c.run(base, _path(mode, n), n, kept)
+            check(c.name, out, n)
+            verify_every_event(c.name, kept, n)
+            del kept
+    print(f"  every contender's {n:,} events checked one by one in both modes", file=sys.stderr, flush=True)
+
+
 async def _timed(c: Contender, base: str, mode: str, n: int) -> float:
     """One checked run; returns events per second."""
     gc.collect()
     t0 = time.perf_counter()
-    out = await c.run(base, _path(mode, n), n)
+    out = await c.run(base, _path(mode, n), n, None)
     elapsed = time.perf_counter() - t0
     check(c.name, out, n)
     return n / elapsed
@@ -279,6 +323,7 @@ async def throughput(base: str, n: int, rounds: int, warm_n: int) -> dict[str, d
     for c in CONTENDERS:  # warm-up: imports, first connections, code paths (not reported)
         for mode in MODES:
             await _timed(c, base, mode, warm_n)
+    await verify_all(base, n)
     results: dict[str, dict[str, list[float]]] = {m: {c.name: [] for c in CONTENDERS} for m in MODES}
     for r in range(rounds):
         order = CONTENDERS[r % len(CONTENDERS):] + CONTENDERS[: r % len(CONTENDERS)]
