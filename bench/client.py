@@ -304,7 +304,6 @@ async def verify_all(base: str, n: int) -> None:
             out = await c.run(base, _path(mode, n), n, kept)
             check(c.name, out, n)
             verify_every_event(c.name, kept, n)
-            del kept
     print(f"  every contender's {n:,} events checked one by one in both modes", file=sys.stderr, flush=True)
 
 

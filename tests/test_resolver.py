@@ -222,5 +222,6 @@ def test_loops_in_several_threads_share_it(counted: type[Counted]) -> None:
         t.join(timeout=60)
     stop.set()
     forgetter.join(timeout=10)
+    assert not any(t.is_alive() for t in [*threads, forgetter]), "a thread hung"
     assert errors == []
     assert counted.lookups > 7

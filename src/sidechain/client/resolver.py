@@ -63,7 +63,8 @@ class SharedResolver(AbstractResolver):
         self._lookup = lookup  # makes the resolver a lookup runs on (closed after it)
         self._lock = threading.Lock()  # no await is ever made while holding it
         self._cache: dict[_Key, _Entry] = {}
-        # lookups in flight, per loop (weakly: a loop closed in the middle of one is not kept alive)
+        # lookups in flight, per loop; a loop closed in the middle of one is dropped at the next miss
+        # (its task holds it, so the weak key alone would not let it go)
         self._inflight: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop,
                                                   dict[_Key, asyncio.Task[list[ResolveResult]]]]
         self._inflight = weakref.WeakKeyDictionary()
@@ -79,6 +80,8 @@ class SharedResolver(AbstractResolver):
                 addrs, index = entry.addrs, entry.next
                 entry.next = (index + 1) % len(addrs)
                 return addrs[index:] + addrs[:index]
+            for closed in [other for other in self._inflight if other.is_closed()]:
+                del self._inflight[closed]
             pending = self._inflight.setdefault(loop, {})
             task = pending.get(key)
             if task is None:
@@ -112,7 +115,7 @@ class SharedResolver(AbstractResolver):
             if pending is not None and pending.get(key) is task:
                 del pending[key]
         if not task.cancelled():
-            task.exception()  # retrieved: every caller may have gone (cancelled) before it ended
+            task.exception()  # retrieved here too, whatever the callers did
 
     def forget(self, host: str) -> None:
         """Drop what ``host`` resolved to, for every port and family, with or without trailing dots:
