@@ -68,6 +68,13 @@ def _request_error(exc: BaseException, url: str, *, connect_timeout: float | Non
     return error
 
 
+def _deadline_passed(url: str, error: SidechainError | None, connect_timeout: float | None) -> SidechainError:
+    """The error for a deadline that passed before the response headers. The host is forgotten too: a
+    lookup costs little, and the address may be one that no longer answers."""
+    _forget_host(url)
+    return error or ConnectTimeout("deadline passed while connecting", timeout=connect_timeout)
+
+
 def _forget_host(url: str) -> None:
     # yarl's host, as aiohttp resolves it (IDNA 2008); trailing dots are ignored by forget()
     host = yarl.URL(url).raw_host
@@ -336,9 +343,7 @@ class Session:
                     # expired(), not a clock comparison: uvloop's timers may fire a little before
                     # loop.time() reaches the deadline (millisecond ticks)
                     if limit.expired():
-                        _forget_host(url)  # the address may be one that no longer answers
-                        raise deadline_error or ConnectTimeout("deadline passed while connecting",
-                                                               timeout=connect_timeout) from exc
+                        raise _deadline_passed(url, deadline_error, connect_timeout) from exc
                     raise _request_error(exc, url, connect_timeout=connect_timeout, read_timeout=read_timeout
                                          ) from exc
                 except Exception as exc:
@@ -372,9 +377,7 @@ class Session:
                     raise _request_error(exc, url, connect_timeout=connect_timeout, read_timeout=read_timeout
                                          ) from exc
             await _abandon(task)
-            _forget_host(url)
-            raise deadline_error or ConnectTimeout("deadline passed while connecting",
-                                                   timeout=connect_timeout)
+            raise _deadline_passed(url, deadline_error, connect_timeout)
         finally:
             # an error raised from here keeps this frame: holding that error (deadline_error) or the
             # timeout (which holds this task, which holds the error) here would close a reference cycle
